@@ -1,0 +1,51 @@
+# The README's two commands. Each sets itself up in a local virtual environment (.venv).
+#   make quickstart [SHAKESPEARE=path/to/input.txt]   train the CPU config and print a sample
+#   make test                                         install the test extra, ruff, pytest
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHAKESPEARE ?=
+SHAKESPEARE_URL ?= https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+DATA ?= data/shakespeare_char
+WORKDIR ?= out/shakespeare_char_cpu
+PYTEST_ARGS ?= -n 2
+
+.PHONY: quickstart test install install-test data clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+data: install
+	@if [ -f $(DATA)/meta.json ]; then echo "$(DATA) already prepared"; \
+	elif [ -n "$(SHAKESPEARE)" ]; then \
+	  $(PY) scripts/prepare_data.py --input=$(SHAKESPEARE) --tokenizer=char --out_dir=$(DATA); \
+	else \
+	  $(PY) scripts/prepare_data.py --url=$(SHAKESPEARE_URL) --tokenizer=char --out_dir=$(DATA) || { \
+	    echo "Could not download Tiny Shakespeare. Offline? Pass a local copy:"; \
+	    echo "  make quickstart SHAKESPEARE=path/to/input.txt"; exit 1; }; \
+	fi
+
+quickstart: data
+	$(PY) scripts/train.py --config=configs/shakespeare_char_cpu.py --workdir=$(WORKDIR) \
+	  --config.data_dir=$(DATA)
+	$(PY) scripts/sample.py --workdir=$(WORKDIR) --prompt="ROMEO:" --max_new_tokens=300
+
+test: install-test
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) out data/shakespeare_char

@@ -1,0 +1,18 @@
+"""nanojax: a small, readable, pure-functional GPT in JAX.
+
+    import nanojax as nj
+    cfg = nj.ModelConfig.preset("gpt2-small")
+    params = nj.init_params(cfg, jax.random.key(0))
+    logits = nj.forward(params, tokens, cfg)         # int32 (B, T) -> float32 (B, T, V)
+"""
+
+from nanojax._malloc import tune_malloc
+
+tune_malloc()  # before JAX allocates anything (see nanojax/_malloc.py)
+
+from nanojax.checkpoint import load_checkpoint  # noqa: E402
+from nanojax.config import ModelConfig  # noqa: E402
+from nanojax.generate import generate  # noqa: E402
+from nanojax.model import forward, init_params, param_axes  # noqa: E402
+
+__all__ = ["ModelConfig", "init_params", "forward", "param_axes", "load_checkpoint", "generate"]

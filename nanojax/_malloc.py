@@ -1,0 +1,32 @@
+"""glibc malloc settings that stop XLA:CPU from page-faulting its scratch buffers every step.
+
+XLA:CPU allocates its temporary buffer afresh on every execution; glibc serves large blocks with
+mmap and returns them on free, so each step faults the whole buffer back in (~14k minor faults,
+~30 ms of kernel time for a tiny model; DESIGN.md). Keeping freed memory in one arena, never
+mmapping and never trimming, turns that into a free-list hit. Must run before JAX allocates.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+M_ARENA_MAX = -8
+
+
+def tune_malloc() -> bool:
+    """Applies the settings on glibc; returns whether it did. NANOJAX_MALLOC=0 opts out."""
+    if os.environ.get("NANOJAX_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs have no mallopt
+        return False
+    ok = mallopt(M_MMAP_MAX, 0) == 1  # never serve a block with mmap
+    ok &= mallopt(M_TRIM_THRESHOLD, 2**30) == 1  # keep up to 1 GiB of free heap, never trim below
+    ok &= mallopt(M_ARENA_MAX, 1) == 1  # one arena: XLA's worker threads reuse the same free lists
+    return bool(ok)

@@ -1,0 +1,85 @@
+"""Attention behind one function: a portable XLA path and, where it runs, cuDNN flash attention.
+
+Shapes (JAX scaling-book letters): B batch, T query length, S key length, N query heads,
+K kv heads (N % K == 0; G = N // K queries share one kv head), H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.cache
+def _cudnn_available() -> bool:
+    """cuDNN attention needs an NVIDIA GPU backend (not ROCm, not CPU)."""
+    try:
+        dev = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if dev.platform != "gpu":
+        return False
+    version = getattr(dev.client, "platform_version", "") or ""
+    return "rocm" not in version.lower()
+
+
+def _use_cudnn(impl: str, q: jax.Array, mask: jax.Array | None) -> bool:
+    if impl == "xla":
+        return False
+    ok = (
+        _cudnn_available()
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and mask is None
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 128
+    )
+    if impl == "cudnn" and not ok:
+        raise ValueError(
+            "attn_impl='cudnn' needs an NVIDIA GPU, bf16/fp16 compute, head_dim a multiple of 8 "
+            "and <= 128, and no explicit mask; use attn_impl='auto' to fall back to XLA."
+        )
+    return ok
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """Scaled dot-product attention.
+
+    Args:
+      q: (B, T, N, H) queries. k, v: (B, S, K, H) keys and values.
+      mask: optional bool (B, T, S), True where query t may attend to key s. None means causal
+        with the queries aligned to the end of the keys (query t sees keys s <= t + S - T).
+      impl: "auto" (cuDNN where it runs, else XLA), "xla", or "cudnn".
+    Returns:
+      (B, T, N, H) in q's dtype. Softmax is computed in float32.
+    """
+    if _use_cudnn(impl, q, mask):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return _xla_attention(q, k, v, mask)
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    # Heads-first layout: measured ~1.5 ms/step faster than jax.nn.dot_product_attention's XLA
+    # path on the tiny CPU shape (DESIGN.md), and it keeps GQA a reshape, not a repeat.
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    G = N // K
+    q = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
+    k = k.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    v = v.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    scores = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (H**-0.5)
+    if mask is None:
+        mask = jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)[None]  # (1, T, S)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, v)  # (B, K, G, T, H)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)

@@ -1,0 +1,103 @@
+"""FLOPs per token, MFU against a device peak table, and the metrics.jsonl writer."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nanojax.config import ModelConfig
+
+# Dense peak TFLOP/s per device kind and dtype, from the vendors' spec sheets (no sparsity).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},  # SXM; TF32 dense is 494.5
+    "H200": {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+    "MI300X": {"bfloat16": 1307.0, "float16": 1307.0, "float32": 163.4},
+    "MI250X": {"bfloat16": 383.0, "float16": 383.0, "float32": 47.9},
+}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token: 6N + 12 * L * T * N_heads * H (PaLM, appendix B).
+
+    N counts every matmul weight: the blocks plus the output head (V * D, tied or not); the
+    embedding lookups are gathers and cost nothing. The attention term counts the full T x T
+    score matrix, as PaLM does, not the causal half a fused kernel can skip; so MFU is
+    comparable with PaLM's and nanoGPT's numbers.
+    """
+    T = seq_len or cfg.max_seq_len
+    n_matmul = cfg.num_params(include_embeddings=False)
+    if cfg.tie_embeddings:
+        n_matmul += cfg.vocab_size * cfg.d_model
+    return 6.0 * n_matmul + 12.0 * cfg.n_layer * T * cfg.n_head * cfg.resolved_head_dim
+
+
+@functools.cache
+def measured_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    """This host's fp32 matmul throughput (FLOP/s) through XLA: the CPU's practical peak."""
+    cpu = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mm(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+def device_peak_flops(dtype: str, device: Any = None) -> float | None:
+    """Peak FLOP/s of one device for `dtype`, or None when the kind is unknown (never a guess)."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_cpu_peak_flops()
+    kind = device.device_kind.upper()
+    for name, table in PEAK_TFLOPS.items():
+        if name in kind:
+            return table[dtype] * 1e12 if dtype in table else None
+    return None
+
+
+def mfu(tokens_per_sec: float, cfg: ModelConfig, seq_len: int, n_devices: int = 1,
+        device: Any = None) -> float | None:
+    """Model FLOPs utilisation in [0, 1], or None where the device peak is unknown."""
+    peak = device_peak_flops(cfg.dtype, device)
+    if not peak:
+        return None
+    return flops_per_token(cfg, seq_len) * tokens_per_sec / (peak * n_devices)
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to workdir/metrics.jsonl."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0):
+        self.path = Path(path)
+        if self.path.exists():
+            self._truncate_after(resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        # Lines past the restored step came from a run that died before its next checkpoint;
+        # the resumed run recomputes those steps, so drop them to keep one line per step.
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

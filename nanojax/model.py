@@ -1,0 +1,360 @@
+"""The whole transformer, top to bottom: params, init, forward.
+
+Params are a nested dict; `params["layers"]` is a list with one dict per block, walked by a plain
+Python loop (nanoGPT's `for block in self.h`). Layout, with logical axis names for sharding:
+
+    wte      (V, D)     vocab, embed         token embedding (also the head when tied)
+    wpe      (T, D)     -, embed             learned positions (GPT-2 only)
+    layers[i]:
+      ln1/ln2  {scale (D), bias (D)}          LayerNorm, or RMSNorm with scale only
+      attn     wq (D, N, H), wk/wv (D, K, H), wo (N, H, D); optional bq/bk/bv, bo
+      mlp      gelu:   w_in (D, F), w_out (F, D), optional b_in (F), b_out (D)
+               swiglu: w_gate (D, F), w_up (D, F), w_down (F, D)
+    ln_f     final norm
+    lm_head  (D, V)                          only when the head is untied
+
+Activations stay 2-D, (B*T, D), through dense layers, norms and residuals: on XLA:CPU the weight
+gradient of a 3-D `x @ W` contracts two axes and became a slow transposing fusion (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nanojax.attention import attention
+from nanojax.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter specs: one place that knows every leaf's shape, logical axes and initialiser.
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, mapped to mesh axes by nanojax.sharding
+    init: str  # "normal", "zeros" or "ones"
+    std: float = 0.0
+
+
+def param_specs(cfg: ModelConfig) -> Params:
+    """The params pytree with a ParamSpec at every leaf."""
+    D, N, K, H, F = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.resolved_head_dim, cfg.ff_dim
+    std = cfg.init_std
+    # GPT-2 scales the init of the projections that write into the residual stream by
+    # 1/sqrt(2L), so the stream's variance does not grow with depth (GPT-2 paper, section 2.3).
+    proj_std = std / math.sqrt(2 * cfg.n_layer)
+
+    def w(shape, axes, s=std):
+        return ParamSpec(tuple(shape), tuple(axes), "normal", s)
+
+    def zeros(shape, axes):
+        return ParamSpec(tuple(shape), tuple(axes), "zeros")
+
+    def norm():
+        p = {"scale": ParamSpec((D,), ("embed",), "ones")}
+        if cfg.norm == "layernorm" and cfg.bias:
+            p["bias"] = zeros((D,), ("embed",))
+        return p
+
+    def layer():
+        attn = {
+            "wq": w((D, N, H), ("embed", "heads", "head_dim")),
+            "wk": w((D, K, H), ("embed", "kv_heads", "head_dim")),
+            "wv": w((D, K, H), ("embed", "kv_heads", "head_dim")),
+            "wo": w((N, H, D), ("heads", "head_dim", "embed"), proj_std),
+        }
+        if cfg.use_qkv_bias:
+            attn["bq"] = zeros((N, H), ("heads", "head_dim"))
+            attn["bk"] = zeros((K, H), ("kv_heads", "head_dim"))
+            attn["bv"] = zeros((K, H), ("kv_heads", "head_dim"))
+        if cfg.bias:
+            attn["bo"] = zeros((D,), ("embed",))
+        if cfg.mlp == "swiglu":
+            mlp = {
+                "w_gate": w((D, F), ("embed", "mlp")),
+                "w_up": w((D, F), ("embed", "mlp")),
+                "w_down": w((F, D), ("mlp", "embed"), proj_std),
+            }
+        else:
+            mlp = {"w_in": w((D, F), ("embed", "mlp")), "w_out": w((F, D), ("mlp", "embed"), proj_std)}
+        if cfg.bias:
+            mlp["b_in" if cfg.mlp == "gelu" else "b_up"] = zeros((F,), ("mlp",))
+            mlp["b_out" if cfg.mlp == "gelu" else "b_down"] = zeros((D,), ("embed",))
+            if cfg.mlp == "swiglu":
+                mlp["b_gate"] = zeros((F,), ("mlp",))
+        return {"ln1": norm(), "attn": attn, "ln2": norm(), "mlp": mlp}
+
+    specs: Params = {"wte": w((cfg.vocab_size, D), ("vocab", "embed"))}
+    if cfg.pos_emb == "learned":
+        specs["wpe"] = w((cfg.max_seq_len, D), (None, "embed"), 0.01)
+    specs["layers"] = [layer() for _ in range(cfg.n_layer)]
+    specs["ln_f"] = norm()
+    if not cfg.tie_embeddings:
+        specs["lm_head"] = w((D, cfg.vocab_size), ("embed", "vocab"))
+    return specs
+
+
+def _is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(cfg: ModelConfig) -> Params:
+    """The params pytree with the tuple of logical axis names at every leaf."""
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The params pytree of `jax.ShapeDtypeStruct`s, without allocating anything."""
+    dt = cfg.weight_dtype
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dt), param_specs(cfg), is_leaf=_is_spec)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
+    """Random params in `cfg.param_dtype`: N(0, 0.02) weights, zero biases, unit norm scales."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    keys = jax.random.split(key, len(leaves))
+    dt = cfg.weight_dtype
+
+    def make(spec: ParamSpec, k: jax.Array) -> jax.Array:
+        if spec.init == "zeros":
+            return jnp.zeros(spec.shape, dt)
+        if spec.init == "ones":
+            return jnp.ones(spec.shape, dt)
+        return (spec.std * jax.random.normal(k, spec.shape, jnp.float32)).astype(dt)
+
+    return jax.tree.unflatten(treedef, [make(s, k) for s, k in zip(leaves, keys, strict=True)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks. x is always 2-D here: (M, D) with M = B * T.
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+    """(M, I) @ (I, O) -> (M, O).
+
+    A custom VJP writes the weight gradient as an explicit 2-D matmul of a transposed operand;
+    the dot XLA derives (contracting dim 0 of both sides) missed the fast CPU matmul library.
+    """
+    return x @ w
+
+
+def _dense_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _dense_bwd(res, g):
+    x, w = res
+    return g @ w.T, (x.T @ g).astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """LayerNorm or RMSNorm over the last axis, computed in float32. x: (M, D)."""
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "rmsnorm":
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+    else:
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        xc = xf - mean
+        y = xc * jax.lax.rsqrt(jnp.mean(xc * xc, axis=-1, keepdims=True) + cfg.norm_eps)
+    y = y * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, half-split convention (GPT-NeoX / HF Llama).
+
+    x: (B, T, N, H); positions: (B, T) int. Pairs (i, i + H/2) rotate by positions * theta^(-2i/H).
+    """
+    H = x.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)  # (H/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, H/2)
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _w(a: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return a.astype(cfg.compute_dtype)
+
+
+# An attention callable: (q (B,T,N,H), k (B,T,K,H), v (B,T,K,H), layer_state) -> (out, new_state).
+# Training uses plain causal attention; generate.py passes one that reads and writes a KV cache.
+AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def block(
+    p: Params,
+    x: jax.Array,
+    cfg: ModelConfig,
+    positions: jax.Array,
+    attend: AttendFn,
+    layer_state: Any = None,
+    rng: jax.Array | None = None,
+) -> tuple[jax.Array, Any]:
+    """One pre-norm transformer block. x: (B*T, D); positions: (B, T). Returns (x, layer_state)."""
+    B, T = positions.shape
+    D, N, K, H = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.resolved_head_dim
+    a = p["attn"]
+    rngs = jax.random.split(rng, 2) if rng is not None else (None, None)
+
+    h = norm(p["ln1"], x, cfg)
+    q = dense(h, _w(a["wq"], cfg).reshape(D, N * H))  # (B*T, N*H)
+    k = dense(h, _w(a["wk"], cfg).reshape(D, K * H))  # (B*T, K*H)
+    v = dense(h, _w(a["wv"], cfg).reshape(D, K * H))
+    if "bq" in a:
+        q = q + _w(a["bq"], cfg).reshape(N * H)
+        k = k + _w(a["bk"], cfg).reshape(K * H)
+        v = v + _w(a["bv"], cfg).reshape(K * H)
+    q = q.reshape(B, T, N, H)
+    k = k.reshape(B, T, K, H)
+    v = v.reshape(B, T, K, H)
+    if cfg.pos_emb == "rope":
+        q = rope(q, positions, cfg.rope_theta)
+        k = rope(k, positions, cfg.rope_theta)
+    o, layer_state = attend(q, k, v, layer_state)  # (B, T, N, H)
+    o = dense(o.reshape(B * T, N * H), _w(a["wo"], cfg).reshape(N * H, D))  # (B*T, D)
+    if "bo" in a:
+        o = o + _w(a["bo"], cfg)
+    x = x + _dropout(o, cfg.dropout, rngs[0])
+
+    m = p["mlp"]
+    h = norm(p["ln2"], x, cfg)
+    if cfg.mlp == "swiglu":
+        gate = dense(h, _w(m["w_gate"], cfg))
+        up = dense(h, _w(m["w_up"], cfg))
+        if "b_gate" in m:
+            gate, up = gate + _w(m["b_gate"], cfg), up + _w(m["b_up"], cfg)
+        h = dense(jax.nn.silu(gate) * up, _w(m["w_down"], cfg))
+        if "b_down" in m:
+            h = h + _w(m["b_down"], cfg)
+    else:
+        h = dense(h, _w(m["w_in"], cfg))
+        if "b_in" in m:
+            h = h + _w(m["b_in"], cfg)
+        # tanh GELU: GPT-2's own ("gelu_new" in HF), and ~2x cheaper than erf's expansion on CPU.
+        h = dense(jax.nn.gelu(h, approximate=True), _w(m["w_out"], cfg))
+        if "b_out" in m:
+            h = h + _w(m["b_out"], cfg)
+    x = x + _dropout(h, cfg.dropout, rngs[1])
+    return x, layer_state
+
+
+def causal_attend(cfg: ModelConfig) -> AttendFn:
+    """Plain causal self-attention over the current tokens: the training path."""
+
+    def attend(q, k, v, state):
+        return attention(q, k, v, impl=cfg.attn_impl), state
+
+    return attend
+
+
+def embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """tokens, positions: (B, T) int -> (B*T, D) in the compute dtype."""
+    x = jnp.take(params["wte"], tokens, axis=0)  # (B, T, D)
+    if cfg.pos_emb == "learned":
+        x = x + jnp.take(params["wpe"], positions, axis=0)
+    return x.reshape(-1, cfg.d_model).astype(cfg.compute_dtype)
+
+
+def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm and head. x: (M, D) -> float32 logits (M, V)."""
+    x = norm(params["ln_f"], x, cfg)
+    if cfg.tie_embeddings:
+        head = _w(params["wte"], cfg).T  # (D, V)
+    else:
+        head = _w(params["lm_head"], cfg)
+    return dense(x, head).astype(jnp.float32)
+
+
+def hidden_states(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array | None = None,
+    attend: AttendFn | None = None,
+    layer_states: list[Any] | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> tuple[jax.Array, list[Any] | None]:
+    """Embeddings and all blocks, before the final norm. Returns ((B*T, D), new layer states)."""
+    B, T = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    attend = attend or causal_attend(cfg)
+    rng_emb = rng_layers = None
+    if dropout_rng is not None and cfg.dropout > 0:
+        rng_emb, rng_layers = jax.random.split(dropout_rng)
+    x = _dropout(embed(params, tokens, positions, cfg), cfg.dropout, rng_emb)
+
+    def run_block(p, x, state, rng):
+        return block(p, x, cfg, positions, attend, state, rng)
+
+    if cfg.remat:
+        run_block = jax.checkpoint(run_block, policy=jax.checkpoint_policies.nothing_saveable)
+
+    L = cfg.n_layer
+    layer_rngs = [None] * L if rng_layers is None else list(jax.random.split(rng_layers, L))
+    if cfg.scan_layers and layer_states is None:
+        # Stack inside the jit and scan: one compiled block, O(1) compile time in depth.
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *params["layers"])
+        rngs = None if rng_layers is None else jnp.stack(layer_rngs)
+
+        def body(x, inputs):
+            p, rng = inputs
+            x, _ = run_block(p, x, None, rng)
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, (stacked, rngs))
+        return x, None
+
+    new_states = []
+    for i, p in enumerate(params["layers"]):
+        state = None if layer_states is None else layer_states[i]
+        x, state = run_block(p, x, state, layer_rngs[i])
+        new_states.append(state)
+    return x, (new_states if layer_states is not None else None)
+
+
+def forward(
+    params: Params,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    positions: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Causal LM forward: int32 tokens (B, T) -> float32 logits (B, T, V).
+
+    positions: optional (B, T) int positions (default 0..T-1 per row). dropout_rng: enables
+    dropout (training); None is deterministic.
+    """
+    B, T = tokens.shape
+    if T > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+    x, _ = hidden_states(params, tokens, cfg, positions=positions, dropout_rng=dropout_rng)
+    return unembed(params, x, cfg).reshape(B, T, cfg.vocab_size)

@@ -1,0 +1,53 @@
+"""AdamW with linear warmup + cosine decay, global-norm clipping and a weight-decay mask."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+NO_DECAY_TOP = ("wte", "wpe")  # embeddings: decaying them hurts rare tokens (and nanoGPT's note)
+
+
+def decay_mask(params: Any) -> Any:
+    """True for matrices that get weight decay: every >=2-D weight except the embeddings.
+    Norm scales and biases (1-D) are never decayed."""
+
+    def keep(path, x) -> bool:
+        top = getattr(path[0], "key", None)
+        return x.ndim >= 2 and top not in NO_DECAY_TOP
+
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def lr_schedule(lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> optax.Schedule:
+    """0 -> lr linearly over warmup_steps, then cosine to min_lr at total_steps (nanoGPT's)."""
+    warmup_steps = max(0, min(warmup_steps, total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr,
+    )
+
+
+def make_optimizer(
+    *,
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr: float,
+    weight_decay: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    grad_clip: float = 1.0,
+) -> optax.GradientTransformation:
+    """clip_by_global_norm(grad_clip) then AdamW (decoupled decay, Loshchilov & Hutter 2019)."""
+    chain = []
+    if grad_clip and grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(grad_clip))
+    chain.append(
+        optax.adamw(lr_schedule(lr, warmup_steps, total_steps, min_lr), b1=b1, b2=b2, eps=eps,
+                    weight_decay=weight_decay, mask=decay_mask)
+    )
+    return optax.chain(*chain)

@@ -1,0 +1,120 @@
+"""Sharding by name: logical param axes -> mesh axes `data`, `fsdp`, `tensor`.
+
+Model code never names a mesh axis. Every param leaf carries logical axes
+(`nanojax.model.param_axes`); `RULES` maps each logical name to a mesh axis; the train step takes
+its in/out shardings from here, so one device and many differ only in the mesh shape.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from nanojax.config import ModelConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or a tuple of mesh axes, or None for replicated)
+RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),  # the batch is split over every data-parallel replica
+    "vocab": "tensor",
+    "embed": "fsdp",  # FSDP shards params (and optimizer state) along the residual width
+    "heads": "tensor",  # Megatron-style: heads and MLP hidden split across tensor ranks
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Any = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 to take the rest."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh size may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh sizes {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+            f"devices, but {len(devices)} are available; make the product match (or use -1)."
+        )
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(
+    axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules: dict | None = None
+) -> P:
+    """PartitionSpec for one array. A dim whose size the mesh axes do not divide is replicated,
+    and a mesh axis is used at most once per array."""
+    rules = RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        target = rules.get(name) if name is not None else None
+        names = (target,) if isinstance(target, str) else tuple(target or ())
+        names = tuple(n for n in names if mesh.shape[n] > 1 and n not in used)
+        if names and size % math.prod(mesh.shape[n] for n in names) == 0:
+            used.update(names)
+            spec.append(names[0] if len(names) == 1 else names)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: dict | None = None) -> Any:
+    """The params pytree with a NamedSharding at every leaf."""
+    from nanojax.model import param_specs  # shapes and axes come from one place
+
+    specs = param_specs(cfg)
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules)),
+        specs,
+        is_leaf=lambda x: hasattr(x, "axes") and hasattr(x, "shape"),
+    )
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params_abstract: Any, p_shardings: Any,
+                        mesh: jax.sharding.Mesh) -> Any:
+    """Optimizer state shards like the params it mirrors (Adam's mu and nu); counters replicate."""
+    state = jax.eval_shape(optimizer.init, params_abstract)
+    return optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        state,
+        p_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+    """(B, T) batches split on B; with gradient accumulation (A, B, T) split on B."""
+    lead = [None] * (ndim - 2)
+    return NamedSharding(mesh, P(*lead, RULES["batch"], None))
+
+
+def put_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Places a host batch; on several processes each passes its own rows of the global batch."""
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return jax.make_array_from_process_local_data(sharding, batch)
+
+
+__all__ = [
+    "MESH_AXES", "RULES", "make_mesh", "logical_to_spec", "param_shardings", "opt_state_shardings",
+    "replicated", "batch_sharding", "put_batch",
+]

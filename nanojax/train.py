@@ -1,0 +1,359 @@
+"""Loss, the jitted train and eval steps, and the training loop with resume.
+
+The step is a pure function `(params, opt_state, batch, step) -> (params, opt_state, metrics)`
+with donated state; its shardings come from nanojax.sharding, so one CPU and a pod differ only in
+the mesh. The loop around it saves orbax checkpoints every N steps, at the end and on
+SIGINT/SIGTERM, and rerunning the same command resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from nanojax import data as data_lib
+from nanojax import sharding as shd
+from nanojax.checkpoint import Checkpointer
+from nanojax.config import ModelConfig
+from nanojax.metrics import MetricsWriter, mfu
+from nanojax.model import Params, forward, init_params, param_shapes
+from nanojax.optim import lr_schedule, make_optimizer
+from nanojax.tokenizer import load_tokenizer
+
+CONFIG_FILE = "config.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or inf loss or gradient; the state was not updated."""
+
+
+class WorkdirMismatchError(ValueError):
+    """The workdir holds a run of a different model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and steps
+
+
+def loss_fn(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
+            dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy (nats). x, y: int32 (B, T)."""
+    logits = forward(params, x, cfg, dropout_rng=dropout_rng)  # (B, T, V) float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> Callable:
+    """The un-jitted step. x, y: int32 (A, B, T) with A micro-batches accumulated per update."""
+    base_key = jax.random.key(seed)
+
+    def step_fn(params, opt_state, x, y, step):
+        use_dropout = cfg.dropout > 0
+        rng = jax.random.fold_in(base_key, step)
+        grad_fn = jax.value_and_grad(loss_fn)
+        A = x.shape[0]
+        if A == 1:
+            loss, grads = grad_fn(params, x[0], y[0], cfg, rng if use_dropout else None)
+        else:
+            def micro(carry, inputs):
+                loss_sum, grad_sum = carry
+                xi, yi, i = inputs
+                li, gi = grad_fn(params, xi, yi, cfg, jax.random.fold_in(rng, i) if use_dropout else None)
+                return (loss_sum + li, jax.tree.map(jnp.add, grad_sum, gi)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
+                                            (x, y, jnp.arange(A)))
+            loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step changes nothing: the host sees ok=False and stops with the last good
+        # state, so no NaN ever reaches a checkpoint. The select fuses into the Adam update.
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        new_params = jax.tree.map(keep, new_params, params)
+        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        return new_params, new_opt_state, {"loss": loss, "grad_norm": grad_norm, "ok": ok}
+
+    return step_fn
+
+
+def make_eval_step(cfg: ModelConfig) -> Callable:
+    def eval_fn(params, x, y):
+        return loss_fn(params, x, y, cfg)
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Config handling
+
+
+def default_config(preset: str = "gpt2-small", **model_overrides: Any) -> ml_collections.ConfigDict:
+    """Every training knob with its default; configs/*.py start from this and change a few.
+
+    `model` holds every ModelConfig field, resolved to concrete values, so any of them can be
+    overridden from the command line (`--config.model.n_layer=6`).
+    """
+    from_data = model_overrides.get("vocab_size") == 0
+    if from_data:
+        model_overrides.pop("vocab_size")
+    mc = ModelConfig.preset(preset, **model_overrides)
+    model = mc.to_dict()
+    if from_data:
+        model["vocab_size"] = 0
+    model.update(n_kv_head=mc.kv_heads, head_dim=mc.resolved_head_dim, d_ff=mc.ff_dim,
+                 qkv_bias=mc.use_qkv_bias)
+    c = ml_collections.ConfigDict()
+    c.model = model
+    c.data_dir = "data/shakespeare_char"
+    c.seed = 1337
+    c.batch_size = 12  # sequences per micro-batch, across all devices
+    c.grad_accum = 1  # micro-batches per optimizer update
+    c.max_steps = 2000
+    c.lr = 1e-3
+    c.min_lr = 1e-4
+    c.warmup_steps = 100
+    c.weight_decay = 0.1
+    c.b1 = 0.9
+    c.b2 = 0.99
+    c.grad_clip = 1.0
+    c.eval_every = 250
+    c.eval_iters = 20
+    c.log_every = 1
+    c.ckpt_every = 250
+    c.keep_checkpoints = 2
+    c.profile = ""  # "START:END": write a jax.profiler trace of those steps to workdir/profile
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    return c
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
+    """ModelConfig from `config.model`; vocab_size 0 there means 'take it from the data'."""
+    d = dict(config.model.to_dict())
+    if not d.get("vocab_size") and vocab_size:
+        d["vocab_size"] = vocab_size
+    return ModelConfig.from_dict(d)
+
+
+def _check_workdir(workdir: Path, cfg: ModelConfig) -> None:
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text()).get("model", {})
+    current = cfg.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: workdir has {a!r}, config has {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise WorkdirMismatchError(
+            f"{workdir} holds a run of a different model ({detail}). Nothing was changed. Use a new "
+            "--workdir for this model, or the original config to resume that run."
+        )
+
+
+def _parse_profile(spec: str) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    try:
+        start, end = (int(s) for s in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"profile={spec!r}: expected START:END step numbers, e.g. 10:15") from None
+    if not 0 <= start < end:
+        raise ValueError(f"profile={spec!r}: need 0 <= START < END")
+    return start, end
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Interrupt:
+    """Turns the first SIGINT/SIGTERM into a flag, so the loop can save and exit cleanly.
+    A second SIGINT raises KeyboardInterrupt as usual."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals stay as they are
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`. Returns a summary dict (last losses, steps).
+
+    Raises NonFiniteLossError on a NaN/inf loss, keeping the last good checkpoint; returns with
+    summary["interrupted"] = signal number after a SIGINT/SIGTERM, having saved a checkpoint.
+    """
+    workdir = Path(workdir).absolute()
+    meta = data_lib.load_meta(config.data_dir)
+    cfg = model_config_from(config, meta["vocab_size"])
+    T = cfg.max_seq_len
+    if meta["vocab_size"] > cfg.vocab_size:
+        raise ValueError(
+            f"the data's tokenizer has {meta['vocab_size']} tokens but model.vocab_size="
+            f"{cfg.vocab_size}; set model.vocab_size >= {meta['vocab_size']} (or 0 for the data's)."
+        )
+    _check_workdir(workdir, cfg)
+    train_tokens = data_lib.load_split(config.data_dir, "train", T, cfg.vocab_size)
+    val_tokens = data_lib.load_split(config.data_dir, "val", T, cfg.vocab_size)
+    profile = _parse_profile(config.get("profile", ""))
+
+    B, A = config.batch_size, config.grad_accum
+    mesh = shd.make_mesh(**config.mesh.to_dict())
+    optimizer = make_optimizer(
+        lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
+        min_lr=config.min_lr, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+        grad_clip=config.grad_clip,
+    )
+    p_sh = shd.param_shardings(cfg, mesh)
+    o_sh = shd.opt_state_shardings(optimizer, param_shapes(cfg), p_sh, mesh)
+    repl = shd.replicated(mesh)
+    batch_sh = shd.batch_sharding(mesh, ndim=3)
+
+    step_fn = jax.jit(
+        make_train_step(cfg, optimizer, config.seed),
+        in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
+        out_shardings=(p_sh, o_sh, repl),
+        donate_argnums=(0, 1),
+    )
+    eval_sh = shd.batch_sharding(mesh)
+    eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_sh, eval_sh, eval_sh), out_shardings=repl)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=config.ckpt_every,
+                        keep=config.get("keep_checkpoints", 2))
+    start = ckpt.latest_step() or 0
+    init_fn = jax.jit(lambda key: (lambda p: (p, optimizer.init(p)))(init_params(cfg, key)),
+                      out_shardings=(p_sh, o_sh))
+    params, opt_state = init_fn(jax.random.key(config.seed))
+    if start:
+        restored = ckpt.restore(start, params, opt_state)
+        params, opt_state = restored["params"], restored["opt_state"]
+
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / CONFIG_FILE).write_text(json.dumps(
+            {"model": cfg.to_dict(), "train": config.to_dict()}, indent=2, default=str))
+        load_tokenizer(config.data_dir).save(workdir)
+    writer = MetricsWriter(workdir / "metrics.jsonl", resume_step=start) if is_main else None
+
+    tokens_per_step = A * B * T
+    pid, pcount = jax.process_index(), jax.process_count()
+
+    def host_batch(tokens, seed, step, accum):
+        return data_lib.get_batch(tokens, T, B, seed, step, accum, pid, pcount)
+
+    def evaluate(params) -> float:
+        losses = []
+        for i in range(config.eval_iters):
+            x, y = host_batch(val_tokens, config.seed + 1, i, 1)  # the same val batches every time
+            losses.append(eval_fn(params, shd.put_batch(x[0], eval_sh), shd.put_batch(y[0], eval_sh)))
+        return float(np.mean(jax.device_get(losses)))
+
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.max_steps, initial=start, desc="train", dynamic_ncols=True)
+
+    summary: dict[str, Any] = {"start_step": start, "interrupted": None}
+    last_train_loss = math.nan
+    pending = None  # (step, metrics) of the step in flight: fetched after the next is dispatched
+    t_last = time.perf_counter()
+
+    def finish(pending) -> None:
+        nonlocal last_train_loss, t_last
+        s, m = pending
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        if not m["ok"]:
+            raise NonFiniteLossError(
+                f"step {s}: loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])} is not finite. "
+                f"Training stopped without applying that update; the last good checkpoint "
+                f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}. Lower --config.lr, "
+                "keep --config.grad_clip > 0, or use float32 params, then rerun to resume."
+            )
+        last_train_loss = float(m["loss"])
+        tps = tokens_per_step / dt
+        util = mfu(tps, cfg, T, n_devices=jax.device_count())
+        rec = {"step": s, "train_loss": last_train_loss, "grad_norm": float(m["grad_norm"]),
+               "lr": float(optimizer_lr(s - 1)), "tokens_per_sec": tps, "step_time_s": dt,
+               "mfu": util}
+        if writer and (s % config.log_every == 0 or s == config.max_steps):
+            writer.write(rec)
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_train_loss:.4f}", tok_s=f"{tps:,.0f}",
+                            mfu=f"{util:.1%}" if util is not None else "n/a")
+
+    optimizer_lr = lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)
+
+    with _Interrupt() as interrupt:
+        try:
+            for step in range(start, config.max_steps):
+                if profile and step == profile[0] and is_main:
+                    jax.profiler.start_trace(str(workdir / "profile"))
+                x, y = host_batch(train_tokens, config.seed, step, A)
+                params, opt_state, metrics = step_fn(
+                    params, opt_state, shd.put_batch(x, batch_sh), shd.put_batch(y, batch_sh),
+                    jnp.asarray(step, jnp.int32))
+                if pending:
+                    finish(pending)
+                pending = (step + 1, metrics)
+                if profile and step + 1 == profile[1] and is_main:
+                    jax.block_until_ready(params)
+                    jax.profiler.stop_trace()
+                s = step + 1
+                evaluate_now = s % config.eval_every == 0 or s == config.max_steps
+                save_now = s % config.ckpt_every == 0 or s == config.max_steps or interrupt.signum
+                if evaluate_now or save_now:
+                    finish(pending)  # never checkpoint or evaluate a step whose loss is unchecked
+                    pending = None
+                if evaluate_now:
+                    val = evaluate(params)
+                    summary["val_loss"] = val
+                    if writer:
+                        writer.write({"step": s, "val_loss": val, "train_loss": last_train_loss})
+                    if bar:
+                        bar.write(f"step {s}: train loss {last_train_loss:.4f}, val loss {val:.4f}")
+                    t_last = time.perf_counter()  # eval time is not training throughput
+                if save_now:
+                    ckpt.save(s, params, opt_state, force=True)
+                if interrupt.signum:
+                    summary["interrupted"] = interrupt.signum
+                    break
+            if pending:
+                finish(pending)
+        finally:
+            ckpt.close()
+            if bar:
+                bar.close()
+    summary.update(step=ckpt.latest_step(), train_loss=last_train_loss, config=cfg)
+    return summary
