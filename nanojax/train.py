@@ -75,7 +75,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
             (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
                                             (x, y, jnp.arange(A)))
             loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
@@ -294,10 +294,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         now = time.perf_counter()
         dt, t_last = now - t_last, now
         if not m["ok"]:
+            last = ckpt.latest_step()
+            kept = (f"the last good checkpoint (step {last}) is kept in {ckpt.directory}" if last
+                    else "no checkpoint had been saved yet")
             raise NonFiniteLossError(
                 f"step {s}: loss={float(m['loss'])}, grad_norm={float(m['grad_norm'])} is not finite. "
-                f"Training stopped without applying that update; the last good checkpoint "
-                f"(step {ckpt.latest_step()}) is kept in {ckpt.directory}. Lower --config.lr, "
+                f"Training stopped without applying that update; {kept}. Lower --config.lr, "
                 "keep --config.grad_clip > 0, or use float32 params, then rerun to resume."
             )
         last_train_loss = float(m["loss"])

@@ -9,7 +9,7 @@ Rerunning the same command resumes from the latest checkpoint in the workdir.
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,6 +25,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    if FLAGS.verbosity <= 0:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --v=1 brings it back
     try:
         summary = train(FLAGS.config, FLAGS.workdir)
     except (NonFiniteLossError, WorkdirMismatchError, ValueError, FileNotFoundError) as e:
