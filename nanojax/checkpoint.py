@@ -30,12 +30,12 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int = 2,
                  read_only: bool = False):
+        """read_only: only restore (load_checkpoint); never create, clean up or delete."""
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=sdp.FixedIntervalPolicy(max(1, save_every)),
             preservation_policy=pp.LatestN(keep),
             create=not read_only,
-            read_only=read_only,
             cleanup_tmp_directories=not read_only,  # drop what an interrupted save left behind
             enable_async_checkpointing=True,
         )

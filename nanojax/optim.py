@@ -43,9 +43,8 @@ def make_optimizer(
     grad_clip: float = 1.0,
 ) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) then AdamW (decoupled decay, Loshchilov & Hutter 2019)."""
-    chain = []
-    if grad_clip and grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(grad_clip))
+    # identity() keeps the state's structure when clipping is off, so a run can resume either way.
+    chain = [optax.clip_by_global_norm(grad_clip) if grad_clip and grad_clip > 0 else optax.identity()]
     chain.append(
         optax.adamw(lr_schedule(lr, warmup_steps, total_steps, min_lr), b1=b1, b2=b2, eps=eps,
                     weight_decay=weight_decay, mask=decay_mask)

@@ -103,20 +103,22 @@ def make_eval_step(cfg: ModelConfig) -> Callable:
 def default_config(preset: str = "gpt2-small", **model_overrides: Any) -> ml_collections.ConfigDict:
     """Every training knob with its default; configs/*.py start from this and change a few.
 
-    `model` holds every ModelConfig field, resolved to concrete values, so any of them can be
-    overridden from the command line (`--config.model.n_layer=6`).
+    `model` holds every ModelConfig field, so any of them can be overridden from the command
+    line (`--config.model.n_layer=6`).
     """
     from_data = model_overrides.get("vocab_size") == 0
     if from_data:
         model_overrides.pop("vocab_size")
-    mc = ModelConfig.preset(preset, **model_overrides)
-    model = mc.to_dict()
+    model = ModelConfig.preset(preset, **model_overrides).to_dict()
     if from_data:
         model["vocab_size"] = 0
-    model.update(n_kv_head=mc.kv_heads, head_dim=mc.resolved_head_dim, d_ff=mc.ff_dim,
-                 qkv_bias=mc.use_qkv_bias)
+    # Fields that default to None (derived from others) become typed placeholders, so that
+    # `--config.model.d_ff=1024` works and an untouched d_ff still follows d_model.
+    for name, typ in (("n_kv_head", int), ("head_dim", int), ("d_ff", int), ("qkv_bias", bool)):
+        if model[name] is None:
+            model[name] = ml_collections.config_dict.placeholder(typ)
     c = ml_collections.ConfigDict()
-    c.model = model
+    c.model = ml_collections.ConfigDict(model)
     c.data_dir = "data/shakespeare_char"
     c.seed = 1337
     c.batch_size = 12  # sequences per micro-batch, across all devices
