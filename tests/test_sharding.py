@@ -64,7 +64,7 @@ def test_train_step_on_8_devices_matches_one_device():
     p = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0 and "OK" in p.stdout, p.stdout + p.stderr
     # The params really are split: fsdp on the model width, tensor on the heads.
-    assert "mesh (2, 2, 2) loss" in p.stdout and "wq spec PartitionSpec('fsdp', 'tensor', None)" in p.stdout
+    assert "mesh (2, 2, 2) loss" in p.stdout and "wq spec P('fsdp', 'tensor', None)" in p.stdout
 
 
 def test_logical_rules_replicate_what_does_not_divide():
