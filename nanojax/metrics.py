@@ -39,8 +39,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
 
 
 @functools.cache
-def measured_cpu_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """This host's fp32 matmul throughput (FLOP/s) through XLA: the CPU's practical peak."""
+def measured_cpu_peak_flops(n: int = 1024, repeats: int = 10) -> float:
+    """This host's fp32 matmul throughput (FLOP/s) through XLA: the CPU's practical peak.
+
+    The best of `repeats` runs, measured once per process. On a busy machine it reads low (and
+    MFU high): compare MFU figures taken on an otherwise idle host.
+    """
     cpu = jax.devices("cpu")[0]
     a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
     mm = jax.jit(lambda x: x @ x)
@@ -72,6 +76,20 @@ def mfu(tokens_per_sec: float, cfg: ModelConfig, seq_len: int, n_devices: int = 
     if not peak:
         return None
     return flops_per_token(cfg, seq_len) * tokens_per_sec / (peak * n_devices)
+
+
+def memory_stats(device: Any = None) -> dict[str, float]:
+    """Device memory in use and its peak, in GiB, where the backend reports them (GPUs do;
+    XLA:CPU reports nothing, so this is empty there)."""
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats:
+        return {}
+    out = {}
+    for key, name in (("bytes_in_use", "mem_in_use_gib"), ("peak_bytes_in_use", "mem_peak_gib")):
+        if key in stats:
+            out[name] = stats[key] / 2**30
+    return out
 
 
 class MetricsWriter:

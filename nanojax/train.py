@@ -8,6 +8,7 @@ SIGINT/SIGTERM, and rerunning the same command resumes from the latest one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -26,7 +27,7 @@ from nanojax import data as data_lib
 from nanojax import sharding as shd
 from nanojax.checkpoint import Checkpointer
 from nanojax.config import ModelConfig
-from nanojax.metrics import MetricsWriter, mfu
+from nanojax.metrics import MetricsWriter, memory_stats, mfu
 from nanojax.model import Params, forward, init_params, param_shapes
 from nanojax.optim import lr_schedule, make_optimizer
 from nanojax.tokenizer import load_tokenizer
@@ -176,6 +177,62 @@ def _parse_profile(spec: str) -> tuple[int, int] | None:
     return start, end
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything compiled for a run: mesh, optimizer, shardings and the jitted functions.
+
+    step_fn(params, opt_state, x, y, step) -> (params, opt_state, metrics), x/y int32 (A, B, T),
+    params and opt_state donated. eval_fn(params, x, y) -> mean loss, x/y (B, T).
+    init_fn(key) -> (params, opt_state), created directly in their shardings.
+    """
+
+    cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+    optimizer: optax.GradientTransformation
+    param_shardings: Any
+    opt_shardings: Any
+    batch_sharding: Any
+    eval_batch_sharding: Any
+    step_fn: Callable
+    eval_fn: Callable
+    init_fn: Callable
+
+    def abstract_step_args(self, batch_size: int, accum: int = 1) -> tuple:
+        """ShapeDtypeStructs for `step_fn.lower(...)`: cost analysis without allocating."""
+        params = param_shapes(self.cfg)
+        opt_state = jax.eval_shape(self.optimizer.init, params)
+        x = jax.ShapeDtypeStruct((accum, batch_size, self.cfg.max_seq_len), jnp.int32)
+        return params, opt_state, x, x, jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
+    """Mesh, optimizer, shardings and jitted step/eval/init for a training config."""
+    mesh = shd.make_mesh(**config.mesh.to_dict())
+    optimizer = make_optimizer(
+        lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
+        min_lr=config.min_lr, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+        grad_clip=config.grad_clip,
+    )
+    p_sh = shd.param_shardings(cfg, mesh)
+    o_sh = shd.opt_state_shardings(optimizer, param_shapes(cfg), p_sh, mesh)
+    repl = shd.replicated(mesh)
+    batch_sh, eval_sh = shd.batch_sharding(mesh, ndim=3), shd.batch_sharding(mesh)
+    step_fn = jax.jit(
+        make_train_step(cfg, optimizer, config.seed),
+        in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
+        out_shardings=(p_sh, o_sh, repl),
+        donate_argnums=(0, 1),
+    )
+    eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_sh, eval_sh, eval_sh), out_shardings=repl)
+
+    def init(key):
+        params = init_params(cfg, key)
+        return params, optimizer.init(params)
+
+    init_fn = jax.jit(init, out_shardings=(p_sh, o_sh))
+    return Run(cfg, mesh, optimizer, p_sh, o_sh, batch_sh, eval_sh, step_fn, eval_fn, init_fn)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 
@@ -227,33 +284,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     profile = _parse_profile(config.get("profile", ""))
 
     B, A = config.batch_size, config.grad_accum
-    mesh = shd.make_mesh(**config.mesh.to_dict())
-    optimizer = make_optimizer(
-        lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
-        min_lr=config.min_lr, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-        grad_clip=config.grad_clip,
-    )
-    p_sh = shd.param_shardings(cfg, mesh)
-    o_sh = shd.opt_state_shardings(optimizer, param_shapes(cfg), p_sh, mesh)
-    repl = shd.replicated(mesh)
-    batch_sh = shd.batch_sharding(mesh, ndim=3)
-
-    step_fn = jax.jit(
-        make_train_step(cfg, optimizer, config.seed),
-        in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
-        out_shardings=(p_sh, o_sh, repl),
-        donate_argnums=(0, 1),
-    )
-    eval_sh = shd.batch_sharding(mesh)
-    eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_sh, eval_sh, eval_sh), out_shardings=repl)
+    run = build(config, cfg)
+    step_fn, eval_fn = run.step_fn, run.eval_fn
+    batch_sh, eval_sh = run.batch_sharding, run.eval_batch_sharding
 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", save_every=config.ckpt_every,
                         keep=config.get("keep_checkpoints", 2))
     start = ckpt.latest_step() or 0
-    init_fn = jax.jit(lambda key: (lambda p: (p, optimizer.init(p)))(init_params(cfg, key)),
-                      out_shardings=(p_sh, o_sh))
-    params, opt_state = init_fn(jax.random.key(config.seed))
+    params, opt_state = run.init_fn(jax.random.key(config.seed))
     if start:
         restored = ckpt.restore(start, params, opt_state)
         params, opt_state = restored["params"], restored["opt_state"]
@@ -285,6 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         bar = tqdm(total=config.max_steps, initial=start, desc="train", dynamic_ncols=True)
 
     summary: dict[str, Any] = {"start_step": start, "interrupted": None}
+    smooth: dict[str, float | None] = {"tps": None}  # the progress bar's moving average
     last_train_loss = math.nan
     pending = None  # (step, metrics) of the step in flight: fetched after the next is dispatched
     t_last = time.perf_counter()
@@ -292,9 +332,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     def finish(pending) -> None:
         nonlocal last_train_loss, t_last
         s, m = pending
+        t_wait = time.perf_counter()
         m = jax.device_get(m)
         now = time.perf_counter()
         dt, t_last = now - t_last, now
+        wait = now - t_wait
         if not m["ok"]:
             last = ckpt.latest_step()
             kept = (f"the last good checkpoint (step {last}) is kept in {ckpt.directory}" if last
@@ -307,15 +349,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         last_train_loss = float(m["loss"])
         tps = tokens_per_step / dt
         util = mfu(tps, cfg, T, n_devices=jax.device_count())
+        # step_time_s splits into device_wait_s (blocked on the device: compute) and the rest,
+        # host time (batch sampling, transfer, dispatch, logging) not hidden behind the device.
         rec = {"step": s, "train_loss": last_train_loss, "grad_norm": float(m["grad_norm"]),
                "lr": float(optimizer_lr(s - 1)), "tokens_per_sec": tps, "step_time_s": dt,
-               "mfu": util}
+               "device_wait_s": wait, "host_s": dt - wait, "mfu": util}
+        if s % 100 == 0 or s == config.max_steps:
+            rec.update(memory_stats())
         if writer and (s % config.log_every == 0 or s == config.max_steps):
             writer.write(rec)
         if bar:
+            smooth["tps"] = tps if smooth["tps"] is None else 0.9 * smooth["tps"] + 0.1 * tps
+            util = mfu(smooth["tps"], cfg, T, n_devices=jax.device_count())
             bar.update(1)
-            bar.set_postfix(loss=f"{last_train_loss:.4f}", tok_s=f"{tps:,.0f}",
-                            mfu=f"{util:.1%}" if util is not None else "n/a")
+            bar.set_postfix(loss=f"{last_train_loss:.4f}", tok_s=f"{smooth['tps']:,.0f}",
+                            mfu=f"{util:.1%}" if util is not None else "n/a", refresh=False)
 
     optimizer_lr = lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)
 

@@ -1,0 +1,139 @@
+"""Training throughput: nanojax against PyTorch (HF transformers GPT2LMHeadModel + torch AdamW).
+
+    python scripts/bench_train.py                        # both shapes, fp32, eager PyTorch
+    python scripts/bench_train.py --shapes=shakespeare --compile   # also torch.compile
+
+Same shape, batch, dtype and token batches on both sides; the two alternate in rounds of
+--steps steps, and the table reports the median round of each and the ratio of tokens/s.
+Both sides do the full step: forward, backward, global-norm clipping at 1.0 and AdamW.
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+
+import nanojax  # noqa: E402,F401
+from nanojax.metrics import flops_per_token, measured_cpu_peak_flops  # noqa: E402
+from nanojax.train import build, default_config, model_config_from  # noqa: E402
+
+# name: (preset, batch, context). GPT-2 124M at a CPU-sized batch (DESIGN.md's measurements).
+SHAPES = {
+    "shakespeare": ("shakespeare-char-cpu", 12, 64),
+    "gpt2": ("gpt2-small", 2, 256),
+}
+
+flags.DEFINE_list("shapes", ["shakespeare", "gpt2"], f"Any of {sorted(SHAPES)}.")
+flags.DEFINE_integer("steps", 0, "Steps per timed round (0: 40 for small shapes, 3 for gpt2).")
+flags.DEFINE_integer("rounds", 5, "Alternating rounds per side.")
+flags.DEFINE_bool("compile", False, "Also time torch.compile'd PyTorch.")
+flags.DEFINE_bool("torch", True, "Time PyTorch at all (--notorch: nanojax only).")
+flags.DEFINE_integer("threads", 0, "torch threads (0: the machine's cores).")
+FLAGS = flags.FLAGS
+
+
+def nanojax_stepper(preset, B, T):
+    config = default_config(preset, bias=True, dropout=0.0, max_seq_len=T)  # HF GPT-2 has biases
+    config.update(batch_size=B, max_steps=10_000, warmup_steps=10)
+    cfg = model_config_from(config)
+    run = build(config, cfg)
+    state = list(run.init_fn(jax.random.key(0)))
+
+    def step(x, y, i):
+        state[0], state[1], m = run.step_fn(state[0], state[1], x[None], y[None], i)
+        return m
+
+    def sync():
+        jax.block_until_ready(state)
+
+    return cfg, step, sync
+
+
+def torch_stepper(cfg, compile_model: bool):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
+                    n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                    attn_pdrop=0.0, activation_function="gelu_new")
+    model = GPT2LMHeadModel(hf).train()
+    # Same decay split as nanojax: matrices decay, biases / norms / embeddings do not.
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "wte" not in n and "wpe" not in n]
+    decay_ids = {id(p) for p in decay}
+    rest = [p for p in model.parameters() if id(p) not in decay_ids]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.99))
+    fwd = torch.compile(model) if compile_model else model
+
+    def step(x, y, i):
+        logits = fwd(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    return step
+
+
+def time_round(step, batches, sync):
+    t0 = time.perf_counter()
+    for i, (x, y) in enumerate(batches):
+        step(x, y, i)
+    sync()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def main(argv):
+    del argv
+    import os
+
+    threads = FLAGS.threads or os.cpu_count()
+    rows = []
+    for name in FLAGS.shapes:
+        preset, B, T = SHAPES[name]
+        steps = FLAGS.steps or (3 if name == "gpt2" else 40)
+        cfg, nj_step, nj_sync = nanojax_stepper(preset, B, T)
+        rng = np.random.default_rng(0)
+        data = [(rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),) * 1 for _ in range(steps)]
+        np_batches = [(x, np.roll(x, -1, axis=1)) for (x,) in data]
+        sides = {"nanojax": (nj_step, nj_sync, [(jax.numpy.asarray(x), jax.numpy.asarray(y))
+                                               for x, y in np_batches])}
+        if FLAGS.torch:
+            import torch
+
+            torch.set_num_threads(threads)
+            tb = [(torch.from_numpy(x).long(), torch.from_numpy(y).long()) for x, y in np_batches]
+            sides["torch eager"] = (torch_stepper(cfg, False), lambda: None, tb)
+            if FLAGS.compile:
+                sides["torch.compile"] = (torch_stepper(cfg, True), lambda: None, tb)
+        for step, sync, batches in sides.values():  # warm up: compile, allocate
+            time_round(step, batches[:2], sync)
+        times = {k: [] for k in sides}
+        for _ in range(FLAGS.rounds):
+            for k, (step, sync, batches) in sides.items():
+                times[k].append(time_round(step, batches, sync))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        tokens = B * T
+        for k, t in med.items():
+            rows.append((name, f"{B}x{T}", k, t * 1e3, tokens / t, med["nanojax"] and t / med["nanojax"]))
+        print(f"[{name}] " + ", ".join(f"{k}: {t * 1e3:.1f} ms/step" for k, t in med.items()), flush=True)
+        mflops = flops_per_token(cfg, T) * tokens / med["nanojax"]
+        print(f"[{name}] nanojax {mflops / 1e9:.1f} GFLOP/s (6N + attention), "
+              f"measured fp32 matmul peak {measured_cpu_peak_flops() / 1e9:.1f} GFLOP/s", flush=True)
+    print("\n| shape | batch x ctx | impl | ms/step | tokens/s | nanojax speed-up |")
+    print("|---|---|---|---:|---:|---:|")
+    for name, bt, impl, ms, tps, ratio in rows:
+        print(f"| {name} | {bt} | {impl} | {ms:.1f} | {tps:,.0f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    app.run(main)

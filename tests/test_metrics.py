@@ -1,0 +1,57 @@
+"""FLOPs accounting against XLA's own count of the compiled train step, MFU, metrics.jsonl."""
+
+import json
+
+import pytest
+
+import nanojax as nj
+from nanojax.metrics import PEAK_TFLOPS, MetricsWriter, device_peak_flops, flops_per_token, mfu
+from nanojax.train import build, default_config, model_config_from
+
+
+@pytest.mark.parametrize("preset,overrides", [
+    ("shakespeare-char-cpu", {}),
+    ("gpt2-small", {"n_layer": 2, "max_seq_len": 128}),
+    ("llama-tiny", {"max_seq_len": 128, "vocab_size": 1000}),
+])
+def test_analytic_flops_match_xla_cost_analysis_within_10_percent(preset, overrides):
+    """The MFU printed in training uses flops_per_token; XLA counts every dot of the real step."""
+    c = default_config(preset, **overrides)
+    c.batch_size = 4
+    cfg = model_config_from(c)
+    run = build(c, cfg)
+    compiled = run.step_fn.lower(*run.abstract_step_args(4)).compile()
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, list) else ca
+    ours = flops_per_token(cfg, cfg.max_seq_len) * 4 * cfg.max_seq_len
+    assert abs(ca["flops"] / ours - 1) < 0.10, (ca["flops"], ours)
+
+
+def test_gpt2_small_flops_per_token():
+    # 6N with N = 85M block params + 38.6M head (= 124M minus the 0.8M position table), plus
+    # 12 L T d = 12 * 12 * 1024 * 768 for attention: the figures in nanoGPT's MFU comment.
+    cfg = nj.ModelConfig.preset("gpt2-small")
+    n = cfg.num_params() - cfg.max_seq_len * cfg.d_model
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 1024 * 768
+
+
+def test_mfu_uses_the_device_table(monkeypatch):
+    class FakeGPU:
+        platform = "gpu"
+        device_kind = "NVIDIA H100 80GB HBM3"
+
+    cfg = nj.ModelConfig.preset("gpt2-small", dtype="bfloat16")
+    assert device_peak_flops("bfloat16", FakeGPU()) == PEAK_TFLOPS["H100"]["bfloat16"] * 1e12
+    util = mfu(100_000, cfg, 1024, device=FakeGPU())
+    assert util == pytest.approx(flops_per_token(cfg, 1024) * 1e5 / 989e12)
+    FakeGPU.device_kind = "Mystery Accelerator 9000"
+    assert device_peak_flops("bfloat16", FakeGPU()) is None and mfu(1e5, cfg, 1024, device=FakeGPU()) is None
+
+
+def test_metrics_writer_drops_lines_past_the_resume_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in range(1, 8)) + '{"st')
+    w = MetricsWriter(path, resume_step=5)
+    w.write({"step": 6, "train_loss": 2.0})
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
