@@ -1,60 +1,651 @@
-"""Sampling. A simple loop for now: one full forward per new token over a fixed-size window."""
+"""Inference: bucketed prefill, a compiled decode loop over a preallocated KV cache, samplers,
+streaming.
+
+    out = nj.generate(params, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=32, temperature=0.8,
+                      top_k=40, stop_tokens=[0])          # -> [[new ids], [new ids]]
+    for chunk in generate_stream(params, cfg, prompts, max_new_tokens=300, chunk_size=16,
+                                 stop_strings=["\\n\\n"], detokenize=tok.decode):
+        ...                                               # chunk: new ids per prompt, this chunk
+
+How one call runs (B prompts of different lengths):
+
+1. Every argument is checked on the host, before anything is compiled.
+2. The prompts are left-padded into one (B, P) array, P a power-of-two bucket >= the longest
+   prompt. Row b has pad[b] = P - len(prompt b) leading pad slots and its token in cache slot s
+   has position s - pad[b], so learned positions and RoPE both count 0, 1, 2... per row. All rows
+   write their next token into the same slot, so a cache write is one `dynamic_update_slice` for
+   the whole batch; pad slots are masked out of attention.
+3. Prefill: one jit call runs the P slots through the model (`hidden_states` with an `AttendFn`
+   that writes K/V), fills a fresh cache of C = next_pow2(P + max_new_tokens) slots per layer,
+   [B, C, K, H] in the compute dtype, and samples the first new token on device.
+4. Decode: a `lax.while_loop` inside one jit; each iteration feeds the last token through the
+   model (cache donated and updated in place), samples the next on device and stops early once
+   every row has produced a stop token or the budget is spent. Attention reads only the cache
+   prefix up to a static *window* end: the loop runs once per power-of-two window (..., 128, 256,
+   ..., C), so attention costs what the filled length costs (within 2x), not C. Attending over a
+   long cache with a mask was 2x slower (DESIGN.md); the windows are how few compiled variants
+   recover it. The host dispatches one call per window without waiting, and sees tokens only
+   when it asks: at the end, or once per streamed chunk.
+
+Stop semantics: a stop token id *is* included in the returned tokens (as in HF `generate`), and
+nothing after it is; a stop string is *not* included: the output is cut just before it (on token
+boundaries; a token that straddles the stop string's start is dropped).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanojax.attention import attention
 from nanojax.config import ModelConfig
-from nanojax.model import Params, forward
+from nanojax.model import Params, hidden_states, unembed
+
+Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [B, C, K, H]
+State = dict[str, Any]
+
+MIN_PROMPT_BUCKET = 8  # P is a power of two >= this (and <= the cache length)
+MIN_WINDOW = 128  # smallest attention window: below it, reading a few unused slots costs nothing
+_NEG = float(jnp.finfo(jnp.float32).min)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _next_logits(params: Params, tokens: jax.Array, lengths: jax.Array, cfg: ModelConfig) -> jax.Array:
-    logits = forward(params, tokens, cfg)  # (B, T, V)
-    return jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (B, V)
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers. Logits are float32 (B, V); everything runs on device inside the decode loop.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The static part of a sampler (what is compiled in); the values travel as arrays."""
+
+    greedy: bool
+    top_k: int | None
+    top_p: bool
+    min_p: bool
+    rep: bool
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
+    """HF's RepetitionPenaltyLogitsProcessor (CTRL paper): for every token already present in the
+    sequence (prompt or generated), divide a positive logit by `penalty` and multiply a negative
+    one by it. logits: float (B, V); seen: bool (B, V). Returns (B, V)."""
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def _sample(logits: jax.Array, key: jax.Array, spec: _Spec, knobs: dict[str, jax.Array],
+            seen: jax.Array | None) -> jax.Array:
+    """One token per row. Order as in HF: repetition penalty, temperature, top-k, top-p, min-p."""
+    if spec.rep:
+        logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
+    if spec.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / knobs["temperature"]
+    idx = None  # candidates: all V tokens, or the best ones sorted high to low with their ids
+    if spec.top_k is not None and spec.top_k < logits.shape[-1]:
+        logits, idx = jax.lax.top_k(logits, spec.top_k)  # (B, k), descending
+    elif spec.top_p:
+        idx = jnp.argsort(-logits, axis=-1)  # (B, V) descending
+        logits = jnp.take_along_axis(logits, idx, axis=-1)
+    if spec.top_p:
+        # Keep the smallest prefix of the sorted candidates whose mass reaches top_p: a token stays
+        # when the mass strictly above it is < top_p (HF TopPLogitsWarper; the best always stays).
+        probs = jax.nn.softmax(logits, axis=-1)
+        above = jnp.cumsum(probs, axis=-1) - probs
+        logits = jnp.where(above < knobs["top_p"], logits, -jnp.inf)
+    if spec.min_p:
+        # HF MinPLogitsWarper: drop tokens whose probability is below min_p x the best one's.
+        probs = jax.nn.softmax(logits, axis=-1)
+        keep = probs >= knobs["min_p"] * jnp.max(probs, axis=-1, keepdims=True)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    choice = jax.random.categorical(key, logits, axis=-1)  # (B,) Gumbel-max
+    if idx is not None:
+        choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    return choice.astype(jnp.int32)
+
+
+def _make_spec(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+               repetition_penalty: float | None) -> tuple[_Spec, dict[str, np.ndarray]]:
+    greedy = temperature == 0.0
+    spec = _Spec(
+        greedy=greedy,
+        top_k=None if greedy else top_k,
+        top_p=not greedy and top_p is not None and top_p < 1.0,
+        min_p=not greedy and min_p is not None and min_p > 0.0,
+        rep=repetition_penalty is not None and repetition_penalty != 1.0,
+    )
+    knobs = {
+        "temperature": np.float32(temperature or 1.0),
+        "top_p": np.float32(1.0 if top_p is None else top_p),
+        "min_p": np.float32(0.0 if min_p is None else min_p),
+        "repetition_penalty": np.float32(1.0 if repetition_penalty is None else repetition_penalty),
+    }
+    return spec, knobs
+
+
+def sample_tokens(
+    logits: jax.Array,
+    key: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seen: jax.Array | None = None,
+) -> jax.Array:
+    """The decode loop's sampler as a standalone function (for tests and custom loops).
+
+    logits: float32 (B, V); key: a PRNG key; seen: bool (B, V), the tokens present so far (needed
+    for repetition_penalty). temperature 0 is greedy. Returns int32 (B,) token ids.
+    """
+    _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, logits.shape[-1])
+    spec, knobs = _make_spec(temperature, top_k, top_p, min_p, repetition_penalty)
+    if spec.rep and seen is None:
+        raise ValueError("repetition_penalty needs `seen`, a bool (B, V) mask of the tokens so far")
+    return _sample_jit(jnp.asarray(logits, jnp.float32), key, spec, knobs, seen)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _sample_jit(logits, key, spec, knobs, seen):
+    return _sample(logits, key, spec, knobs, seen)
+
+
+# ----------------------------------------------------------------------------------------------
+# The compiled pieces: prefill and the windowed decode loop.
+
+
+def _accept(state: State, logits: jax.Array, spec: _Spec, knobs: dict[str, jax.Array],
+            stops: jax.Array) -> State:
+    """Samples token t from logits (B, V), records it and advances t."""
+    t = state["t"]
+    B = logits.shape[0]
+    nxt = _sample(logits, jax.random.fold_in(state["key"], t), spec, knobs, state.get("seen"))  # (B,)
+    state = dict(state)
+    state["out"] = jax.lax.dynamic_update_slice(state["out"], nxt[:, None], (0, t))
+    state["done"] = state["done"] | jnp.any(nxt[:, None] == stops[None, :], axis=-1)
+    if "seen" in state:
+        state["seen"] = state["seen"].at[jnp.arange(B), nxt].set(True)
+    if "logits" in state:
+        state["logits"] = jax.lax.dynamic_update_slice(state["logits"], logits[:, None], (0, t, 0))
+    state["token"] = nxt
+    state["t"] = t + 1
+    return state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "cache_len", "n_out", "debug"))
+def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array, round_idx: jax.Array,
+             knobs: dict[str, jax.Array], stops: jax.Array, *, cfg: ModelConfig, spec: _Spec,
+             cache_len: int, n_out: int, debug: bool) -> tuple[Cache, State]:
+    """tokens: int32 (B, P) left-padded; pad: int32 (B,). Returns a cache of `cache_len` slots
+    holding the prompts' K/V, and the decode state with the first new token sampled."""
+    B, P = tokens.shape
+    K, H, V = cfg.kv_heads, cfg.resolved_head_dim, cfg.vocab_size
+    slots = jnp.arange(P, dtype=jnp.int32)
+    valid = slots[None, :] >= pad[:, None]  # (B, P): not a pad slot
+    positions = jnp.maximum(slots[None, :] - pad[:, None], 0)  # (B, P)
+    mask = (slots[None, :, None] >= slots[None, None, :]) & valid[:, None, :]  # (B, T, S) causal, no pad
+
+    def attend(q, k, v, layer_cache):
+        kc, vc = layer_cache
+        kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, 0, 0, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, 0, 0, 0))
+        return attention(q, k, v, mask=mask, impl="xla"), (kc, vc)
+
+    shape = (B, cache_len, K, H)
+    cache = [(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+             for _ in range(cfg.n_layer)]
+    x, cache = hidden_states(params, tokens, cfg, positions=positions, attend=attend, layer_states=cache)
+    last = x.reshape(B, P, cfg.d_model)[:, -1]  # (B, D): every row's prompt ends at slot P - 1
+    logits = unembed(params, last, cfg)  # (B, V) float32
+
+    state: State = {
+        "t": jnp.int32(0),
+        "p0": jnp.int32(P),  # slot of new token 0
+        "pad": pad,
+        "key": jax.random.fold_in(jax.random.key(seed), round_idx),  # a fresh stream per slide
+        "out": jnp.zeros((B, n_out), jnp.int32),
+        "done": jnp.zeros((B,), bool),
+        "token": jnp.zeros((B,), jnp.int32),
+    }
+    if spec.rep:
+        rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, P))
+        state["seen"] = jnp.zeros((B, V), bool).at[rows, tokens].max(valid)
+    if debug:
+        state["logits"] = jnp.zeros((B, n_out, V), jnp.float32)
+    return cache, _accept(state, logits, spec, knobs, stops)
+
+
+def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Array, pad: jax.Array,
+                      window: int) -> jax.Array:
+    """One query per row over cache slots [pad[b], slot], read from the static prefix [0, window).
+
+    q: (B, 1, N, H); kc, vc: (B, C, K, H). Returns (B, 1, N, H). Softmax in float32.
+    """
+    B, _, N, H = q.shape
+    K = kc.shape[2]
+    G = N // K
+    k = kc[:, :window]  # (B, W, K, H): a static slice, no copy of the rest
+    v = vc[:, :window]
+    qg = q.reshape(B, K, G, H)
+    scores = jnp.einsum("bkgh,bwkh->bkgw", qg, k, preferred_element_type=jnp.float32) * (H**-0.5)
+    w = jnp.arange(window, dtype=jnp.int32)
+    mask = (w[None, :] >= pad[:, None]) & (w[None, :] <= slot)  # (B, W)
+    scores = jnp.where(mask[:, None, None, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgw,bwkh->bkgh", probs, v)  # (B, K, G, H)
+    return out.reshape(B, 1, N, H)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "window"), donate_argnums=(1, 2))
+def _decode(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
+            stops: jax.Array, *, cfg: ModelConfig, spec: _Spec, window: int) -> tuple[Cache, State]:
+    """Decodes while t < limit, the fed slot is inside `window`, and some row is not done."""
+
+    def cond(carry):
+        _, st = carry
+        slot = st["p0"] + st["t"] - 1
+        return (st["t"] < limit) & (slot < window) & ~jnp.all(st["done"])
+
+    def body(carry):
+        cache, st = carry
+        slot = st["p0"] + st["t"] - 1  # where the token being fed goes
+        pad = st["pad"]
+
+        def attend(q, k, v, layer_cache):
+            kc, vc = layer_cache
+            kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, slot, 0, 0))
+            vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, slot, 0, 0))
+            return _decode_attention(q, kc, vc, slot, pad, window), (kc, vc)
+
+        positions = (slot - pad)[:, None]  # (B, 1)
+        x, cache = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,
+                                 layer_states=cache)
+        logits = unembed(params, x, cfg)  # (B, V)
+        return cache, _accept(st, logits, spec, knobs, stops)
+
+    return jax.lax.while_loop(cond, body, (cache, state))
+
+
+def _windows(first_slot: int, cache_len: int) -> list[int]:
+    """Power-of-two window ends covering slots [first_slot, cache_len)."""
+    w = max(MIN_WINDOW, _next_pow2(first_slot + 1))
+    ends = []
+    while w < cache_len:
+        ends.append(w)
+        w *= 2
+    return ends + [cache_len]
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every bad input is a clear error before anything compiles.
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+                    repetition_penalty: float | None, vocab_size: int) -> None:
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for all {vocab_size}), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+    if min_p is not None and not (isinstance(min_p, int | float) and 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p must be in [0, 1] (or None), got {min_p!r}")
+    if repetition_penalty is not None and not (
+        isinstance(repetition_penalty, int | float) and math.isfinite(repetition_penalty)
+        and repetition_penalty > 0
+    ):
+        raise ValueError(
+            f"repetition_penalty must be > 0 (1 is off, > 1 discourages repeats), got {repetition_penalty!r}"
+        )
+
+
+def _check_ids(ids: Any, vocab_size: int, what: str) -> list[int]:
+    arr = np.asarray(ids)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{what} must be a flat list of int token ids, got {ids!r:.80}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)][0]
+        raise ValueError(f"{what} holds token id {int(bad)}, outside the vocabulary [0, {vocab_size})")
+    return [int(i) for i in arr]
+
+
+def _check_prompts(prompts: Any, cfg: ModelConfig) -> list[list[int]]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of token-id lists, e.g. [[1, 2, 3], [4, 5]]; "
+                         "encode text with the tokenizer first")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, int | np.integer):
+            raise ValueError(f"prompts[{i}] is a single int: pass a list of prompts, e.g. [[...]]")
+        ids = _check_ids(p, cfg.vocab_size, f"prompts[{i}]")
+        if not ids:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token "
+                             "(e.g. a BOS or newline token)")
+        if len(ids) > cfg.max_seq_len:
+            raise ValueError(f"prompts[{i}] has {len(ids)} tokens, more than the context "
+                             f"max_seq_len={cfg.max_seq_len}; shorten it (e.g. keep its last tokens)")
+        out.append(ids)
+    return out
+
+
+def _validate(params: Params, cfg: ModelConfig, prompts: Any, max_new_tokens: int, temperature: float,
+              top_k: int | None, top_p: float | None, min_p: float | None,
+              repetition_penalty: float | None, stop_tokens: Any, overflow: str, chunk_size: int,
+              stop_strings: Any, detokenize: Any) -> tuple[list[list[int]], list[int]]:
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a nanojax ModelConfig, got {type(cfg).__name__} "
+                        "(the argument order is generate(params, cfg, prompts, ...))")
+    prompts = _check_prompts(prompts, cfg)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) \
+            or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, cfg.vocab_size)
+    if overflow not in ("error", "slide"):
+        raise ValueError(f"overflow must be 'error' or 'slide', got {overflow!r}")
+    if overflow == "error":
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > cfg.max_seq_len:
+            raise ValueError(
+                f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"context max_seq_len={cfg.max_seq_len}; lower max_new_tokens to "
+                f"{cfg.max_seq_len - longest}, shorten the prompt, or pass overflow='slide'"
+            )
+    if not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    stops = [] if stop_tokens is None else _check_ids(
+        [stop_tokens] if isinstance(stop_tokens, int | np.integer) else stop_tokens,
+        cfg.vocab_size, "stop_tokens")
+    if stop_strings is not None:
+        if isinstance(stop_strings, str) or not all(isinstance(s, str) and s for s in stop_strings):
+            raise ValueError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
+        if detokenize is None:
+            raise ValueError("stop_strings need detokenize=tokenizer.decode to turn ids into text")
+    wte = params.get("wte") if isinstance(params, dict) else None
+    if wte is None or tuple(wte.shape) != (cfg.vocab_size, cfg.d_model):
+        raise ValueError(f"params do not match cfg: wte is {getattr(wte, 'shape', None)}, expected "
+                         f"({cfg.vocab_size}, {cfg.d_model})")
+    return prompts, stops
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side: one round (prefill + chunks of decode), streaming, and sliding past the context.
+
+
+@dataclasses.dataclass
+class _Round:
+    """Decode of one batch of prompts, advanced chunk by chunk."""
+
+    params: Params
+    cfg: ModelConfig
+    spec: _Spec
+    knobs: dict[str, np.ndarray]
+    stops: np.ndarray
+    max_new: int
+    cache: Cache
+    state: State
+    cache_len: int
+    prompt_len: int
+    t: int = 1  # host's upper bound on the device's t (equal unless every row stopped early)
+
+    def advance(self, t_end: int) -> None:
+        """Dispatches decode calls up to token t_end (no host sync)."""
+        t_end = min(t_end, self.max_new)
+        for w in _windows(self.prompt_len, self.cache_len):
+            if self.t >= t_end:
+                break
+            if self.prompt_len + self.t - 1 >= w:
+                continue
+            self.cache, self.state = _decode(
+                self.params, self.cache, self.state, np.int32(t_end), self.knobs, self.stops,
+                cfg=self.cfg, spec=self.spec, window=w)
+            self.t = min(t_end, w - self.prompt_len + 1)
+
+    def fetch(self) -> tuple[np.ndarray, int]:
+        """(tokens (B, t), t) generated so far; waits for the device."""
+        t = int(self.state["t"])
+        return np.asarray(self.state["out"][:, :t]), t
+
+    def mark_done(self, rows: np.ndarray) -> None:
+        self.state = dict(self.state, done=self.state["done"] | jnp.asarray(rows))
+
+
+def _start(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, spec: _Spec,
+           knobs: dict[str, np.ndarray], stops: np.ndarray, seed: int, round_idx: int,
+           debug: bool) -> _Round:
+    B = len(prompts)
+    longest = max(len(p) for p in prompts)
+    P = max(MIN_PROMPT_BUCKET, _next_pow2(longest))
+    cache_len = _next_pow2(P + max_new)
+    tokens = np.zeros((B, P), np.int32)
+    pad = np.zeros((B,), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = p
+        pad[i] = P - len(p)
+    n_out = cache_len - P
+    cache, state = _prefill(params, tokens, pad, np.uint32(seed % 2**32), np.int32(round_idx), knobs, stops,
+                            cfg=cfg, spec=spec, cache_len=cache_len, n_out=n_out, debug=debug)
+    return _Round(params, cfg, spec, knobs, stops, max_new, cache, state, cache_len, P)
+
+
+def _stop_ids(stops: list[int]) -> np.ndarray:
+    n = 8 * max(1, -(-len(stops) // 8))  # a multiple of 8 slots, so the count rarely recompiles
+    arr = np.full((n,), -1, np.int32)
+    arr[: len(stops)] = stops
+    return arr
+
+
+def _cut_at_stop_token(row: np.ndarray, stops: list[int]) -> list[int]:
+    out = row.tolist()
+    if stops:
+        hits = np.flatnonzero(np.isin(row, stops))
+        if hits.size:
+            out = out[: hits[0] + 1]
+    return out
+
+
+class _TextWatch:
+    """Stop strings on decoded text, checked at chunk boundaries on the host.
+
+    Holds back tokens whose text could still be the start of a stop string, so what was already
+    yielded never has to be taken back.
+    """
+
+    def __init__(self, stop_strings: list[str], detokenize: Callable[[list[int]], str]):
+        self.stops = stop_strings
+        self.decode = detokenize
+        self.hold = max(len(s) for s in stop_strings) - 1
+
+    def safe_len(self, toks: list[int], final: bool) -> tuple[int, bool]:
+        """(number of tokens that may be emitted, whether a stop string was hit)."""
+        text = self.decode(toks)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            limit, stopped = min(hits), True
+        elif final:
+            return len(toks), False
+        else:
+            limit, stopped = len(text) - self.hold, False
+        n = len(toks)
+        while n > 0 and len(self.decode(toks[:n])) > limit:
+            n -= 1
+        return n, stopped
+
+
+def generate_stream(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    seed: int = 0,
+    *,
+    chunk_size: int = 16,
+    stop_strings: Sequence[str] | None = None,
+    detokenize: Callable[[list[int]], str] | None = None,
+    overflow: str = "error",
+) -> Iterator[list[list[int]]]:
+    """Like `generate`, but yields the new tokens as they come: one list per prompt per chunk.
+
+    Each chunk is one compiled multi-step decode call of up to `chunk_size` tokens, the KV cache
+    carried from chunk to chunk; the host syncs once per chunk. Concatenating the yields gives
+    exactly `generate`'s result for the same arguments and seed. A finished row yields [].
+
+    stop_strings: text that ends a row; checked on `detokenize(tokens)` at chunk boundaries and
+      cut off (the returned tokens decode to the text before the stop string). Tokens that could
+      be the start of a stop string are held back until the next chunk decides.
+    overflow: "error" (default) rejects prompt + max_new_tokens > cfg.max_seq_len. "slide" keeps
+      going past the context like nanoGPT's crop: when a row's context is full, the batch is
+      re-prefilled, each full row with only its last max_seq_len // 2 tokens, and decoding goes on
+      (positions restart at 0; the model sees only that window). Each slide costs one prefill.
+    """
+    prompts, stops = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                               repetition_penalty, stop_tokens, overflow, chunk_size, stop_strings,
+                               detokenize)
+    yield from _stream(params, cfg, prompts, int(max_new_tokens), temperature, top_k, top_p, min_p,
+                       repetition_penalty, stops, seed, int(chunk_size), stop_strings, detokenize)
+
+
+def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, temperature: float,
+            top_k: int | None, top_p: float | None, min_p: float | None,
+            repetition_penalty: float | None, stops: list[int], seed: int, chunk_size: int,
+            stop_strings: Sequence[str] | None, detokenize: Callable[[list[int]], str] | None,
+            logits_log: list | None = None) -> Iterator[list[list[int]]]:
+    """The validated core of generate_stream: rounds (one per slide) of prefill + decode chunks.
+
+    logits_log: when a list, each round appends (rows, float32 logits (B_round, t, V)).
+    """
+    spec, knobs = _make_spec(temperature, top_k, top_p, min_p, repetition_penalty)
+    stop_arr = _stop_ids(stops)
+    watch = _TextWatch(list(stop_strings), detokenize) if stop_strings else None
+    B, T = len(prompts), cfg.max_seq_len
+    generated: list[list[int]] = [[] for _ in range(B)]  # the new tokens so far, per row
+    emitted = [0] * B  # how many of them were yielded
+    finished = [max_new == 0] * B
+    round_idx = 0
+    while not all(finished):
+        rows = [b for b in range(B) if not finished[b]]
+        remaining = max_new - len(generated[rows[0]])  # all unfinished rows advance together
+        ctx = [prompts[b] + generated[b] for b in rows]
+        ctx = [c if len(c) < T else c[-(T // 2):] for c in ctx]  # slide a full row's window
+        budget = min(remaining, T - max(len(c) for c in ctx))
+        rnd = _start(params, cfg, ctx, budget, spec, knobs, stop_arr, seed, round_idx,
+                     debug=logits_log is not None)
+        base = [len(generated[b]) for b in rows]
+        target = 0
+        while True:
+            target = min(budget, target + chunk_size)
+            rnd.advance(target)
+            toks, t = rnd.fetch()
+            last = t >= budget
+            chunk: list[list[int]] = [[] for _ in range(B)]
+            newly_done = np.zeros((len(rows),), bool)
+            for j, b in enumerate(rows):
+                if finished[b]:
+                    continue
+                row = _cut_at_stop_token(toks[j], stops)
+                hit_token = bool(stops) and len(row) > 0 and row[-1] in stops
+                generated[b] = generated[b][: base[j]] + row
+                n, hit_text = len(generated[b]), False
+                if watch is not None:
+                    final = hit_token or (last and remaining == budget)
+                    n, hit_text = watch.safe_len(generated[b], final)
+                    if hit_text:
+                        generated[b] = generated[b][:n]
+                chunk[b] = generated[b][emitted[b]:n]
+                emitted[b] = n
+                if hit_token or hit_text:
+                    finished[b] = newly_done[j] = True
+            if any(chunk):
+                yield chunk
+            if last or all(finished[b] for b in rows):
+                break
+            if newly_done.any():
+                rnd.mark_done(newly_done)
+        if logits_log is not None:
+            logits_log.append((rows, np.asarray(rnd.state["logits"][:, :t])))
+        for b in rows:
+            if len(generated[b]) >= max_new:
+                finished[b] = True
+        round_idx += 1
+    tail = [generated[b][emitted[b]:] for b in range(B)]  # whatever a stop-string watch held back
+    if any(tail):
+        yield tail
 
 
 def generate(
     params: Params,
     cfg: ModelConfig,
-    prompts: list[list[int]],
+    prompts: Sequence[Sequence[int]],
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    stop_tokens: Sequence[int] | None = None,
     seed: int = 0,
-) -> list[list[int]]:
-    """New tokens for each prompt (ragged list of token-id lists). temperature 0 is greedy."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    B = len(prompts)
-    T = cfg.max_seq_len
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > T:
-        raise ValueError(f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds context {T}")
-    buf = np.zeros((B, T), np.int32)
-    for i, p in enumerate(prompts):
-        buf[i, : len(p)] = p
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    key = jax.random.key(seed)
+    *,
+    stop_strings: Sequence[str] | None = None,
+    detokenize: Callable[[list[int]], str] | None = None,
+    overflow: str = "error",
+    return_logits: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
+    """New tokens for each prompt: a ragged batch in, a ragged list of new token ids out.
+
+    Args:
+      prompts: B lists of int token ids in [0, V), of any lengths >= 1 (each gets its own
+        positions, its own stop state).
+      max_new_tokens: the budget per prompt, in tokens. prompt + budget must fit in
+        cfg.max_seq_len unless overflow="slide" (see `generate_stream`).
+      temperature: 0 is greedy (argmax; top_k/top_p/min_p are then ignored, repetition_penalty
+        still applies, as in HF). > 0 divides the logits before sampling.
+      top_k: sample among the k most likely tokens. top_p: among the smallest set whose
+        probability mass is >= top_p (nucleus). min_p: drop tokens less likely than min_p x the
+        most likely one. repetition_penalty: HF's, over prompt + generated tokens (> 1 discourages
+        repeats). Applied in HF's order: penalty, temperature, top-k, top-p, min-p.
+      stop_tokens: ids that end a row; the stop token is included in that row's output.
+      seed: the sampling seed; same seed, same arguments -> same tokens (token t draws from
+        fold_in(key(seed), t), so streaming and chunking do not change the result).
+      stop_strings, detokenize: cut each row before the first stop string in its decoded text.
+      return_logits: also return, per prompt, the float32 (n, V) model logits (before any
+        sampler) that produced each new token: a debugging and testing aid (costs memory).
+
+    Returns:
+      list of B lists of new token ids (and the logits list when return_logits).
+    """
+    prompts, stops = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                               repetition_penalty, stop_tokens, overflow, 1, stop_strings, detokenize)
     out: list[list[int]] = [[] for _ in prompts]
-    for t in range(max_new_tokens):
-        logits = _next_logits(params, jnp.asarray(buf), jnp.asarray(lengths), cfg)
-        if temperature == 0.0:
-            nxt = jnp.argmax(logits, axis=-1)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-                logits = jnp.where(logits < kth, -jnp.inf, logits)
-            nxt = jax.random.categorical(jax.random.fold_in(key, t), logits)
-        nxt = np.asarray(nxt)
-        buf[np.arange(B), lengths] = nxt
-        lengths += 1
-        for i in range(B):
-            out[i].append(int(nxt[i]))
-    return out
+    logits_log: list | None = [] if return_logits else None
+    # Without stop strings one chunk covers the whole budget: the host syncs once, at the end.
+    chunk = 16 if stop_strings else max(1, int(max_new_tokens))
+    for part in _stream(params, cfg, prompts, int(max_new_tokens), temperature, top_k, top_p, min_p,
+                        repetition_penalty, stops, seed, chunk, stop_strings, detokenize, logits_log):
+        for b, toks in enumerate(part):
+            out[b].extend(toks)
+    if logits_log is None:
+        return out
+    pieces: list[list[np.ndarray]] = [[] for _ in prompts]
+    for rows, lg in logits_log:
+        for j, b in enumerate(rows):
+            pieces[b].append(lg[j])
+    logits = [np.concatenate(p)[: len(o)] if p else np.zeros((0, cfg.vocab_size), np.float32)
+              for p, o in zip(pieces, out, strict=True)]
+    return out, logits

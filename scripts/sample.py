@@ -1,35 +1,88 @@
-"""Sample from a trained workdir.
+"""Sample from a trained workdir (or a Hugging Face model directory), printing text as it comes.
 
     python scripts/sample.py --workdir=out/shakespeare_char_cpu --prompt="ROMEO:" --max_new_tokens=500
+    python scripts/sample.py --hf_dir=path/to/gpt2 --prompt="Hello" --temperature=0.7 --top_p=0.9
+
+--max_new_tokens may exceed the model's context: when the context is full, generation slides on
+(nanoGPT crops to the last block_size tokens; here the context is re-prefilled with its last
+max_seq_len // 2 tokens and decoding continues), so a 64-token model can write 300 characters.
 """
 
+import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nanojax as nj  # noqa: E402
+from nanojax.generate import generate_stream  # noqa: E402
 
-flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
+flags.DEFINE_string("workdir", None, "A training workdir (or use --hf_dir).")
+flags.DEFINE_string("hf_dir", None, "A Hugging Face model dir (config.json, safetensors, tokenizer.json).")
 flags.DEFINE_string("prompt", "\n", "Text to continue.")
-flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate.")
+flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate (may exceed the context: it slides).")
 flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
 flags.DEFINE_integer("top_k", 200, "Sample from the k most likely tokens (0: all).")
+flags.DEFINE_float("top_p", None, "Nucleus sampling: the smallest set of tokens with this much mass.")
+flags.DEFINE_float("min_p", None, "Drop tokens less likely than min_p x the most likely one.")
+flags.DEFINE_float("repetition_penalty", None, "HF-style penalty on tokens already present (> 1).")
+flags.DEFINE_multi_string("stop", [], "Stop at this string (repeatable); it is not printed.")
+flags.DEFINE_boolean("stream", True, "Print text as it is generated (--nostream: all at the end).")
+flags.DEFINE_integer("chunk_size", 8, "Tokens per streamed chunk (one compiled decode call each).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 FLAGS = flags.FLAGS
 
 
+def _load():
+    """(cfg, params, tokenizer, stop token ids, ids to prepend to the prompt)."""
+    if bool(FLAGS.workdir) == bool(FLAGS.hf_dir):
+        raise app.UsageError("pass exactly one of --workdir or --hf_dir")
+    if FLAGS.workdir:
+        cfg, params, tok = nj.load_checkpoint(FLAGS.workdir)
+        return cfg, params, tok, [], []
+    try:
+        from nanojax.hf import load_hf
+    except ImportError as e:
+        raise app.UsageError(f"--hf_dir needs nanojax.hf ({e})") from e
+    from nanojax.tokenizer import load_tokenizer
+
+    cfg, params = load_hf(FLAGS.hf_dir)
+    hf_cfg = json.loads((Path(FLAGS.hf_dir) / "config.json").read_text())
+    eos = hf_cfg.get("eos_token_id")
+    stops = [eos] if isinstance(eos, int) else list(eos or [])
+    bos = hf_cfg.get("bos_token_id")
+    prefix = [bos] if isinstance(bos, int) and hf_cfg.get("model_type") != "gpt2" else []  # Llama wants BOS
+    return cfg, params, load_tokenizer(FLAGS.hf_dir), stops, prefix
+
+
 def main(argv):
     del argv
-    cfg, params, tok = nj.load_checkpoint(FLAGS.workdir)
-    ids = tok.encode(FLAGS.prompt)
-    budget = min(FLAGS.max_new_tokens, cfg.max_seq_len - len(ids))
-    out = nj.generate(params, cfg, [ids], max_new_tokens=budget, temperature=FLAGS.temperature,
-                      top_k=FLAGS.top_k or None, seed=FLAGS.seed)[0]
-    print(FLAGS.prompt + tok.decode(out))
-
+    if FLAGS.verbosity <= 0:
+        logging.set_verbosity(logging.WARNING)  # orbax logs a restore at INFO; --v=1 brings it back
+    cfg, params, tok, stop_ids, prefix = _load()
+    ids = prefix + tok.encode(FLAGS.prompt)
+    if not ids:
+        raise app.UsageError("the prompt encodes to no tokens; pass a non-empty --prompt")
+    ids = ids[-cfg.max_seq_len:]  # a prompt longer than the context keeps its end
+    stream = generate_stream(
+        params, cfg, [ids], max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k or None, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
+        repetition_penalty=FLAGS.repetition_penalty, stop_tokens=stop_ids, seed=FLAGS.seed,
+        chunk_size=FLAGS.chunk_size if FLAGS.stream else max(1, FLAGS.max_new_tokens),
+        stop_strings=FLAGS.stop or None, detokenize=tok.decode, overflow="slide")
+    print(FLAGS.prompt, end="", flush=True)
+    new: list[int] = []
+    shown = 0
+    for chunk in stream:
+        new += [t for t in chunk[0] if t not in stop_ids]  # a stop token ends the row; don't print it
+        if FLAGS.stream:
+            text = tok.decode(new)
+            end = len(text.rstrip("\ufffd"))  # hold back a partial UTF-8 character
+            print(text[shown:end], end="", flush=True)
+            shown = end
+    print(tok.decode(new)[shown:])
 
 if __name__ == "__main__":
     app.run(main)
