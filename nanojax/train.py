@@ -291,9 +291,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", save_every=config.ckpt_every,
                         keep=config.get("keep_checkpoints", 2))
-    start = ckpt.latest_step() or 0
+    latest = ckpt.latest_step()
+    start = latest or 0
     params, opt_state = run.init_fn(jax.random.key(config.seed))
-    if start:
+    if latest == 0:
+        # Step 0 holds imported weights (scripts/convert.py --hf_dir): fine-tune them with a
+        # fresh optimizer state.
+        params = ckpt.restore(0, params)["params"]
+    elif latest:
         restored = ckpt.restore(start, params, opt_state)
         params, opt_state = restored["params"], restored["opt_state"]
 

@@ -125,6 +125,30 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_losses(synth_dat
     assert got == expected  # bit-for-bit the losses of the uninterrupted run
 
 
+def test_training_a_workdir_holding_imported_weights_fine_tunes_them(synth_data, tmp_path):
+    """A step-0 checkpoint (what scripts/convert.py --hf_dir writes) is the starting point."""
+    from nanojax.checkpoint import Checkpointer
+    from nanojax.train import loss_fn, model_config_from
+
+    c = small_config(synth_data)
+    cfg = model_config_from(c, 23)
+    # Weights no fresh init would give (10x the init scale), so the first loss tells them apart.
+    trained = nj.init_params(cfg.replace(init_std=0.2), jax.random.key(3))
+    work = tmp_path / "imported"
+    ckpt = Checkpointer(work / "checkpoints", save_every=1)
+    ckpt.save(0, trained, {"imported_from_hf": 0}, force=True)
+    ckpt.close()
+    (work / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {}}))
+    c.update(max_steps=1, seed=7)
+    train(c, work, progress=False)
+    tokens = np.fromfile(synth_data / "train.bin", np.uint16)
+    x, y = data.get_batch(tokens, 32, c.batch_size, seed=7, step=0)
+    expected = float(loss_fn(trained, x[0], y[0], cfg))
+    assert losses(work)[1] == pytest.approx(expected, rel=1e-5)
+    fresh = float(loss_fn(nj.init_params(cfg, jax.random.key(7)), x[0], y[0], cfg))
+    assert abs(fresh - expected) > 0.1  # so the test can tell imported weights from a fresh init
+
+
 def test_unknown_config_key_is_named(synth_data, tmp_path):
     for flag, name in (("--config.nonexistent=1", "nonexistent"), ("--config.model.n_layers=3", "n_layers")):
         p = subprocess.run(_train_cmd(synth_data, tmp_path / "w", flag), capture_output=True, text=True)
