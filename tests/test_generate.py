@@ -299,6 +299,13 @@ def test_slide_past_the_context_matches_a_cropping_reference():
         logits = fwd(params, jnp.asarray([window + [0] * (cfg.max_seq_len - len(window))]))
         seq.append(int(jnp.argmax(logits[0, len(window) - 1])))
     assert got == [seq[len(prompt):]]
+    # A ragged batch slides together (when its longest row fills the context); the tokens before
+    # the first slide are plain generation.
+    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7, 9, 3]]
+    rows = generate(params, cfg, prompts, max_new_tokens=n, overflow="slide")
+    assert [len(r) for r in rows] == [n] * 3
+    first = generate(params, cfg, prompts, max_new_tokens=cfg.max_seq_len - 9)
+    assert [r[: len(f)] for r, f in zip(rows, first, strict=True)] == first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,3 +379,12 @@ def test_sample_script_streams_past_the_context(tmp_path):
     assert run.returncode == 0, run.stderr
     text = run.stdout.rstrip("\n")
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 100
+
+
+def test_bf16_cache_and_compute():
+    cfg = TINY_LLAMA.replace(dtype="bfloat16", param_dtype="bfloat16")
+    params = nj.init_params(cfg, jax.random.key(1))
+    out, logits = generate(params, cfg, PROMPTS[:2], max_new_tokens=6, return_logits=True)
+    for prompt, toks, lg in zip(PROMPTS[:2], out, logits, strict=True):
+        full = nj.forward(params, jnp.asarray([prompt + toks]), cfg)[0, len(prompt) - 1: -1]
+        np.testing.assert_allclose(lg, full, atol=0.1)

@@ -1,0 +1,257 @@
+"""Decode throughput: nanojax `generate` against Hugging Face `transformers` `generate`, side by side.
+
+    python scripts/bench_decode.py                                   # the CPU table in docs/performance.md
+    python scripts/bench_decode.py --shapes=llama-134m --batches=1 --repeats=5
+    python scripts/bench_decode.py --shapes=llama2-7b --dtype=bfloat16 --no_hf   # on a GPU
+
+Both sides get the same random weights (nanojax params converted into a transformers model),
+the same prompts (random ids, `--prompt_len` long) and greedy decoding of `--new_tokens` tokens;
+tokens/s counts new tokens of the whole batch over the wall time of one `generate` call, prefill
+included. Runs alternate (nanojax, HF, nanojax, HF, ...) so machine noise hits both; the median
+of `--repeats` runs is reported. The roofline is the time to read every weight once per decode
+step (the embedding table's rows are gathered, not read whole) at a copy bandwidth measured here
+with a large jax copy; the DESIGN.md practical figure for these CPUs (31 GB/s, llama.cpp fp32)
+is printed alongside. Shapes whose context is shorter than prompt + new tokens (the Shakespeare
+shape has 64) get a longer position table for the run; nothing else changes.
+"""
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import nanojax as nj  # noqa: E402
+
+DEFAULT_BATCHES = {"shakespeare-char-cpu": "1,8", "gpt2-small": "1,8", "llama-134m": "1", "llama2-7b": "1"}
+PRACTICAL_CPU_GBPS = 31.0  # DESIGN.md: llama.cpp fp32 on the 134M Llama shape reads ~31 GB/s here
+
+flags.DEFINE_list("shapes", ["shakespeare-char-cpu", "gpt2-small", "llama-134m"], "ModelConfig presets.")
+flags.DEFINE_list("batches", None, "Batch sizes for every shape (default: 1,8 for the small shapes, "
+                  "1 for the Llama shapes).")
+flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
+flags.DEFINE_integer("prompt_len", 16, "Prompt length in tokens.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per side (after one warm-up run each).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and compute dtype.")
+flags.DEFINE_boolean("no_hf", False, "Skip the transformers baseline (e.g. a 7B shape on a GPU).")
+flags.DEFINE_enum("hf_attn", "sdpa", ["sdpa", "eager"], "transformers attention implementation.")
+flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the baseline.")
+FLAGS = flags.FLAGS
+
+
+def bench_config(name: str, dtype: str, total_len: int) -> nj.ModelConfig:
+    cfg = nj.ModelConfig.preset(name, dtype=dtype, param_dtype=dtype)
+    return cfg.replace(max_seq_len=max(cfg.max_seq_len, total_len))
+
+
+def weight_bytes(params: dict, cfg: nj.ModelConfig) -> int:
+    """Bytes read per decode step: every weight once, except the gathered embedding tables."""
+    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    if "wpe" in params:
+        total -= params["wpe"].nbytes
+    if not cfg.tie_embeddings:  # a tied wte is also the head, read whole every step
+        total -= params["wte"].nbytes
+    return total
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large copy (read + write counted, as in STREAM): numpy's memcpy on the host
+    (XLA:CPU's own elementwise copy is slower than memcpy here), a jax copy on an accelerator."""
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        src = np.ones(512 * 2**20 // 4, np.float32)
+        dst = np.empty_like(src)
+        copy = lambda: np.copyto(dst, src)  # noqa: E731
+    else:
+        src = jnp.ones(4 * 2**30 // 4, jnp.float32)
+        fn = jax.jit(lambda a: a + 1)
+        copy = lambda: fn(src).block_until_ready()  # noqa: E731
+    copy()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        copy()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformers baseline with nanojax's weights.
+
+
+def to_hf(params: dict, cfg: nj.ModelConfig, attn: str):
+    """A transformers GPT-2 or Llama model holding the same weights (float32 torch tensors)."""
+    import torch
+    import transformers
+
+    p = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+    D, N, K, H, F = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.resolved_head_dim, cfg.ff_dim
+    sd = {}
+    if cfg.pos_emb == "learned":  # GPT-2
+        hc = transformers.GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=D,
+                                     n_layer=cfg.n_layer, n_head=N, n_inner=F, activation_function="gelu_new",
+                                     layer_norm_epsilon=cfg.norm_eps, bos_token_id=None, eos_token_id=None,
+                                     attn_implementation=attn)
+        model_cls = transformers.GPT2LMHeadModel
+
+        def b(d, key, n):  # a missing bias (bias=False shapes) is a zero bias
+            return d.get(key, np.zeros((n,), np.float32)).reshape(-1)
+
+        sd["transformer.wte.weight"] = p["wte"]
+        sd["transformer.wpe.weight"] = p["wpe"]
+        for i, lp in enumerate(p["layers"]):
+            pre, a, m = f"transformer.h.{i}.", lp["attn"], lp["mlp"]
+            sd[pre + "ln_1.weight"], sd[pre + "ln_1.bias"] = lp["ln1"]["scale"], b(lp["ln1"], "bias", D)
+            sd[pre + "ln_2.weight"], sd[pre + "ln_2.bias"] = lp["ln2"]["scale"], b(lp["ln2"], "bias", D)
+            sd[pre + "attn.c_attn.weight"] = np.concatenate(
+                [a[w].reshape(D, N * H) for w in ("wq", "wk", "wv")], axis=1)  # Conv1D: (in, out)
+            sd[pre + "attn.c_attn.bias"] = np.concatenate([b(a, n, N * H) for n in ("bq", "bk", "bv")])
+            sd[pre + "attn.c_proj.weight"] = a["wo"].reshape(N * H, D)
+            sd[pre + "attn.c_proj.bias"] = b(a, "bo", D)
+            sd[pre + "mlp.c_fc.weight"], sd[pre + "mlp.c_fc.bias"] = m["w_in"], b(m, "b_in", F)
+            sd[pre + "mlp.c_proj.weight"], sd[pre + "mlp.c_proj.bias"] = m["w_out"], b(m, "b_out", D)
+        sd["transformer.ln_f.weight"] = p["ln_f"]["scale"]
+        sd["transformer.ln_f.bias"] = b(p["ln_f"], "bias", D)
+        sd["lm_head.weight"] = p["wte"]
+    else:  # Llama
+        hc = transformers.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=D, intermediate_size=F,
+                                      num_hidden_layers=cfg.n_layer, num_attention_heads=N,
+                                      num_key_value_heads=K, head_dim=H,
+                                      max_position_embeddings=cfg.max_seq_len,
+                                      rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                                      tie_word_embeddings=cfg.tie_embeddings, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=None, attn_implementation=attn)
+        model_cls = transformers.LlamaForCausalLM
+        sd["model.embed_tokens.weight"] = p["wte"]
+        for i, lp in enumerate(p["layers"]):
+            pre, a, m = f"model.layers.{i}.", lp["attn"], lp["mlp"]
+            sd[pre + "input_layernorm.weight"] = lp["ln1"]["scale"]
+            sd[pre + "post_attention_layernorm.weight"] = lp["ln2"]["scale"]
+            sd[pre + "self_attn.q_proj.weight"] = a["wq"].reshape(D, N * H).T  # Linear: (out, in)
+            sd[pre + "self_attn.k_proj.weight"] = a["wk"].reshape(D, K * H).T
+            sd[pre + "self_attn.v_proj.weight"] = a["wv"].reshape(D, K * H).T
+            sd[pre + "self_attn.o_proj.weight"] = a["wo"].reshape(N * H, D).T
+            sd[pre + "mlp.gate_proj.weight"] = m["w_gate"].T
+            sd[pre + "mlp.up_proj.weight"] = m["w_up"].T
+            sd[pre + "mlp.down_proj.weight"] = m["w_down"].T
+        sd["model.norm.weight"] = p["ln_f"]["scale"]
+        sd["lm_head.weight"] = (p["wte"] if cfg.tie_embeddings else p["lm_head"].T)
+    with torch.device("meta"):
+        model = model_cls(hc)
+    tensors = {k: torch.from_numpy(np.array(v, np.float32, order="C")) for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = model.eval()
+    if hasattr(model, "model") and hasattr(model.model, "rotary_emb"):  # buffers made on meta
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=hc)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run_case(name: str, batch: int, rng: np.random.Generator) -> dict:
+    total = FLAGS.prompt_len + FLAGS.new_tokens
+    cfg = bench_config(name, FLAGS.dtype, total)
+    params = nj.init_params(cfg, jax.random.key(0))
+    jax.block_until_ready(params)
+    prompts = rng.integers(0, cfg.vocab_size, (batch, FLAGS.prompt_len)).tolist()
+    n = FLAGS.new_tokens
+
+    def nj_run():
+        t0 = time.perf_counter()
+        out = nj.generate(params, cfg, prompts, max_new_tokens=n)
+        return time.perf_counter() - t0, out
+
+    t0 = time.perf_counter()
+    _, nj_out = nj_run()  # compiles
+    compile_s = time.perf_counter() - t0
+    hf_run = None
+    hf_out = None
+    if not FLAGS.no_hf:
+        import torch
+
+        torch.set_num_threads(FLAGS.torch_threads)
+        model = to_hf(params, cfg, FLAGS.hf_attn)
+        ids = torch.tensor(prompts)
+
+        def hf_run():
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                     min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t0, out[:, FLAGS.prompt_len:].tolist()
+
+        _, hf_out = hf_run()
+    nj_times, hf_times = [], []
+    for _ in range(FLAGS.repeats):
+        nj_times.append(nj_run()[0])
+        if hf_run is not None:
+            hf_times.append(hf_run()[0])
+    res = {"shape": name, "batch": batch, "cfg": cfg, "compile_s": compile_s - statistics.median(nj_times),
+           "nj_tps": batch * n / statistics.median(nj_times), "wbytes": weight_bytes(params, cfg)}
+    if hf_times:
+        res["hf_tps"] = batch * n / statistics.median(hf_times)
+        same = [a == b for a, b in zip(nj_out, hf_out, strict=True)]
+        res["same"] = f"{sum(same)}/{len(same)}"
+    return res
+
+
+def main(argv):
+    del argv
+    dev = jax.devices()[0]
+    load_before = os.getloadavg()[0]
+    bw = copy_bandwidth()
+    on_cpu = dev.platform == "cpu"
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in FLAGS.shapes:
+        for b in (FLAGS.batches or DEFAULT_BATCHES.get(name, "1").split(",")):
+            res = run_case(name, int(b), rng)
+            rows.append(res)
+            print(f"# {name} batch {b}: nanojax {res['nj_tps']:.1f} tok/s"
+                  + (f", HF {res['hf_tps']:.1f} tok/s" if "hf_tps" in res else ""), flush=True)
+    print()
+    print(f"date {datetime.date.today()}, {platform.node()}, {dev.device_kind} ({dev.platform}), "
+          f"jax {jax.__version__}, dtype {FLAGS.dtype}, prompt {FLAGS.prompt_len} + {FLAGS.new_tokens} new "
+          f"tokens, greedy, median of {FLAGS.repeats}")
+    print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
+          f"{os.cpu_count()} CPUs (other work on the machine slows both sides, torch's OpenMP most)")
+    print(f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read + write of a large array copy)"
+          + (f"; DESIGN.md practical CPU figure {PRACTICAL_CPU_GBPS:.0f} GB/s" if on_cpu else ""))
+    print()
+    head = "| shape | batch | weights MB | nanojax tok/s | compile s |"
+    sep = "|---|---:|---:|---:|---:|"
+    if not FLAGS.no_hf:
+        head += f" HF {FLAGS.hf_attn} tok/s | ratio | same greedy tokens |"
+        sep += "---:|---:|---:|"
+    head += " roofline (measured BW) |" + (" roofline (31 GB/s) |" if on_cpu else "")
+    sep += "---:|" + ("---:|" if on_cpu else "")
+    print(head)
+    print(sep)
+    for r in rows:
+        steps_per_s = r["nj_tps"] / r["batch"]  # weights are read once per step for the whole batch
+        line = (f"| {r['shape']} | {r['batch']} | {r['wbytes'] / 1e6:.0f} | {r['nj_tps']:.1f} | "
+                f"{r['compile_s']:.1f} |")
+        if not FLAGS.no_hf:
+            line += f" {r['hf_tps']:.1f} | {r['nj_tps'] / r['hf_tps']:.2f}x | {r['same']} |"
+        line += f" {100 * r['wbytes'] * steps_per_s / bw:.0f}% |"
+        if on_cpu:
+            line += f" {100 * r['wbytes'] * steps_per_s / (PRACTICAL_CPU_GBPS * 1e9):.0f}% |"
+        print(line)
+
+
+if __name__ == "__main__":
+    app.run(main)
