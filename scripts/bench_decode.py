@@ -46,6 +46,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and compu
 flags.DEFINE_boolean("no_hf", False, "Skip the transformers baseline (e.g. a 7B shape on a GPU).")
 flags.DEFINE_enum("hf_attn", "sdpa", ["sdpa", "eager"], "transformers attention implementation.")
 flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the baseline.")
+flags.DEFINE_float("pause_s", 0.5, "Idle seconds before each timed run (lets spinning threads sleep).")
 FLAGS = flags.FLAGS
 
 
@@ -197,8 +198,12 @@ def run_case(name: str, batch: int, rng: np.random.Generator) -> dict:
         _, hf_out = hf_run()
     nj_times, hf_times = [], []
     for _ in range(FLAGS.repeats):
+        # Pause before each timed run: the other library's idle workers spin for a while after a
+        # call (OpenMP's default is ~200 ms) and would steal one of the two cores.
+        time.sleep(FLAGS.pause_s)
         nj_times.append(nj_run()[0])
         if hf_run is not None:
+            time.sleep(FLAGS.pause_s)
             hf_times.append(hf_run()[0])
     res = {"shape": name, "batch": batch, "cfg": cfg, "compile_s": compile_s - statistics.median(nj_times),
            "nj_tps": batch * n / statistics.median(nj_times), "wbytes": weight_bytes(params, cfg)}

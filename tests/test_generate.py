@@ -388,3 +388,26 @@ def test_bf16_cache_and_compute():
     for prompt, toks, lg in zip(PROMPTS[:2], out, logits, strict=True):
         full = nj.forward(params, jnp.asarray([prompt + toks]), cfg)[0, len(prompt) - 1: -1]
         np.testing.assert_allclose(lg, full, atol=0.1)
+
+
+def test_sample_script_from_an_hf_dir(tmp_path):
+    pytest.importorskip("nanojax.hf")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from nanojax.tokenizer import HFTokenizer
+
+    tok = HFTokenizer.train_bpe("the quick brown fox jumps over the lazy dog. " * 20, 300)
+    tok.save(tmp_path)
+    torch.manual_seed(0)
+    c = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=32, tie_word_embeddings=False, bos_token_id=None,
+                                 eos_token_id=tok.token_id("<|endoftext|>"))
+    transformers.LlamaForCausalLM(c).save_pretrained(tmp_path)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run(  # 80 tokens through a 32-token context: it slides
+        [sys.executable, str(REPO / "scripts/sample.py"), f"--hf_dir={tmp_path}", "--prompt=the quick",
+         "--max_new_tokens=80", "--temperature=0", "--nostream"],
+        capture_output=True, text=True, env=env, timeout=240)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("the quick") and len(run.stdout) > len("the quick") + 20
