@@ -21,7 +21,7 @@ How one call runs (B prompts of different lengths):
 4. Decode: a `lax.while_loop` inside one jit; each iteration feeds the last token through the
    model (cache donated and updated in place), samples the next on device and stops early once
    every row has produced a stop token or the budget is spent. Attention reads only the cache
-   prefix up to a static *window* end: the loop runs once per power-of-two window (..., 128, 256,
+   prefix up to a static *window* end: the loop runs once per power-of-two window (128, 256,
    ..., C), so attention costs what the filled length costs (within 2x), not C. Attending over a
    long cache with a mask was 2x slower (DESIGN.md); the windows are how few compiled variants
    recover it. The host dispatches one call per window without waiting, and sees tokens only
@@ -591,7 +591,7 @@ def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new:
             if newly_done.any():
                 rnd.mark_done(newly_done)
         if logits_log is not None:
-            logits_log.append((rows, np.asarray(rnd.state["logits"][:, :t])))
+            logits_log.append((rows, np.asarray(rnd.state["logits"])[:, :t]))
         for b in rows:
             if len(generated[b]) >= max_new:
                 finished[b] = True
@@ -634,7 +634,8 @@ def generate(
         repeats). Applied in HF's order: penalty, temperature, top-k, top-p, min-p.
       stop_tokens: ids that end a row; the stop token is included in that row's output.
       seed: the sampling seed; same seed, same arguments -> same tokens (token t draws from
-        fold_in(key(seed), t), so streaming and chunking do not change the result).
+        fold_in(fold_in(key(seed), slide round), t), so streaming and chunking do not change the
+        result).
       stop_strings, detokenize: cut each row before the first stop string in its decoded text.
       return_logits: also return, per prompt, the float32 (n, V) model logits (before any
         sampler) that produced each new token: a debugging and testing aid (costs memory).
