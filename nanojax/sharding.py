@@ -17,6 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanojax.config import ModelConfig
+from nanojax.model import ParamSpec, param_specs
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -74,13 +75,10 @@ def logical_to_spec(
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules: dict | None = None) -> Any:
     """The params pytree with a NamedSharding at every leaf."""
-    from nanojax.model import param_specs  # shapes and axes come from one place
-
-    specs = param_specs(cfg)
     return jax.tree.map(
         lambda s: NamedSharding(mesh, logical_to_spec(s.axes, s.shape, mesh, rules)),
-        specs,
-        is_leaf=lambda x: hasattr(x, "axes") and hasattr(x, "shape"),
+        param_specs(cfg),  # shapes and axes come from one place
+        is_leaf=lambda x: isinstance(x, ParamSpec),
     )
 
 
