@@ -54,8 +54,12 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int) -> Callable:
-    """The un-jitted step. x, y: int32 (A, B, T) with A micro-batches accumulated per update."""
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
+                    schedule: optax.Schedule | None = None) -> Callable:
+    """The un-jitted step. x, y: int32 (A, B, T) with A micro-batches accumulated per update.
+
+    With `schedule`, the metrics carry the step's learning rate too (computed on the device, so
+    the host loop dispatches nothing but the step)."""
     base_key = jax.random.key(seed)
 
     def step_fn(params, opt_state, x, y, step):
@@ -85,7 +89,10 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
         keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
         new_params = jax.tree.map(keep, new_params, params)
         new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        return new_params, new_opt_state, {"loss": loss, "grad_norm": grad_norm, "ok": ok}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
+        return new_params, new_opt_state, metrics
 
     return step_fn
 
@@ -218,7 +225,8 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
     repl = shd.replicated(mesh)
     batch_sh, eval_sh = shd.batch_sharding(mesh, ndim=3), shd.batch_sharding(mesh)
     step_fn = jax.jit(
-        make_train_step(cfg, optimizer, config.seed),
+        make_train_step(cfg, optimizer, config.seed,
+                        lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)),
         in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
         out_shardings=(p_sh, o_sh, repl),
         donate_argnums=(0, 1),
@@ -357,7 +365,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         # step_time_s splits into device_wait_s (blocked on the device: compute) and the rest,
         # host time (batch sampling, transfer, dispatch, logging) not hidden behind the device.
         rec = {"step": s, "train_loss": last_train_loss, "grad_norm": float(m["grad_norm"]),
-               "lr": float(optimizer_lr(s - 1)), "tokens_per_sec": tps, "step_time_s": dt,
+               "lr": float(m["lr"]), "tokens_per_sec": tps, "step_time_s": dt,
                "device_wait_s": wait, "host_s": dt - wait, "mfu": util}
         if s % 100 == 0 or s == config.max_steps:
             rec.update(memory_stats())
@@ -370,13 +378,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
             bar.set_postfix(loss=f"{last_train_loss:.4f}", tok_s=f"{smooth['tps']:,.0f}",
                             mfu=f"{util:.1%}" if util is not None else "n/a", refresh=False)
 
-    optimizer_lr = lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)
-
+    tracing = False
     with _Interrupt() as interrupt:
         try:
             for step in range(start, config.max_steps):
                 if profile and step == profile[0] and is_main:
                     jax.profiler.start_trace(str(workdir / "profile"))
+                    tracing = True
                 x, y = host_batch(train_tokens, config.seed, step, A)
                 params, opt_state, metrics = step_fn(
                     params, opt_state, shd.put_batch(x, batch_sh), shd.put_batch(y, batch_sh),
@@ -384,9 +392,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                 if pending:
                     finish(pending)
                 pending = (step + 1, metrics)
-                if profile and step + 1 == profile[1] and is_main:
+                if tracing and step + 1 == profile[1]:
                     jax.block_until_ready(params)
                     jax.profiler.stop_trace()
+                    tracing = False
                 s = step + 1
                 evaluate_now = s % config.eval_every == 0 or s == config.max_steps
                 save_now = s % config.ckpt_every == 0 or s == config.max_steps or interrupt.signum
@@ -409,6 +418,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
             if pending:
                 finish(pending)
         finally:
+            if tracing:  # the run ended (or was stopped) inside the profiled window
+                jax.profiler.stop_trace()
             ckpt.close()
             if bar:
                 bar.close()

@@ -221,3 +221,42 @@ def test_bad_data_and_vocab(synth_data, tmp_path):
         train(small_config(bad), tmp_path / "w2", progress=False)
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").rglob("*.json"))
     assert json.loads((synth_data / "meta.json").read_text())["vocab_size"] == len(set(SYNTH)) == 23
+
+
+def _traced_steps(trace_dir: Path) -> int:
+    """How many executions of the jitted train step a jax.profiler trace holds."""
+    (pb,) = trace_dir.glob("**/*.xplane.pb")
+    pd = jax.profiler.ProfileData.from_file(str(pb))
+    spans = sorted((ev.start_ns, ev.start_ns + ev.duration_ns) for plane in pd.planes
+                   for line in plane.lines for ev in line.events if ev.name == "PjitFunction(step_fn)")
+    outer, end = 0, -1.0
+    for start, stop in spans:  # the dispatch is recorded as nested events: count outermost ones
+        if start >= end:
+            outer, end = outer + 1, stop
+    return outer
+
+
+def test_profile_traces_exactly_the_asked_steps(synth_data, tmp_path):
+    train(small_config(synth_data, profile="3:5"), tmp_path / "a", progress=False)
+    assert _traced_steps(tmp_path / "a" / "profile") == 2
+    # A window running past the last step still closes the trace and writes it.
+    train(small_config(synth_data, profile="18:40"), tmp_path / "b", progress=False)
+    assert _traced_steps(tmp_path / "b" / "profile") == 2
+    with pytest.raises(ValueError, match="START:END"):
+        train(small_config(synth_data, profile="5"), tmp_path / "c", progress=False)
+
+
+def test_logged_learning_rate_follows_warmup_then_cosine(synth_data, tmp_path):
+    c = small_config(synth_data, lr=1e-2, min_lr=1e-3, warmup_steps=5, max_steps=20, eval_every=20)
+    train(c, tmp_path / "w", progress=False)
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "w" / "metrics.jsonl") if "lr" in r}
+
+    def expected(i):  # the update that ends at step i + 1 used the rate of step i
+        if i < 5:
+            return 1e-2 * i / 5
+        frac = (i - 5) / (20 - 5)
+        return 1e-3 + (1e-2 - 1e-3) * 0.5 * (1 + np.cos(np.pi * frac))
+
+    assert sorted(lrs) == list(range(1, 21))
+    np.testing.assert_allclose([lrs[s] for s in range(1, 21)], [expected(s - 1) for s in range(1, 21)],
+                               rtol=1e-5, atol=1e-9)
