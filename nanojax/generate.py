@@ -1,5 +1,5 @@
-"""Inference: bucketed prefill, a compiled decode loop over a preallocated KV cache, samplers,
-streaming.
+"""Inference: bucketed prefill, a compiled decode loop over a preallocated KV cache, streaming.
+The samplers it compiles in live in nanojax/sampling.py.
 
     out = nj.generate(params, cfg, [[1, 2, 3], [4, 5]], max_new_tokens=32, temperature=0.8,
                       top_k=40, stop_tokens=[0])          # -> [[new ids], [new ids]]
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -47,6 +46,7 @@ import numpy as np
 from nanojax.attention import attention
 from nanojax.config import ModelConfig
 from nanojax.model import Params, hidden_states, unembed
+from nanojax.sampling import SamplerSpec, check_sampling, make_spec, sample
 
 Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [B, C, K, H]
 State = dict[str, Any]
@@ -61,117 +61,16 @@ def _next_pow2(n: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers. Logits are float32 (B, V); everything runs on device inside the decode loop.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    """The static part of a sampler (what is compiled in); the values travel as arrays."""
-
-    greedy: bool
-    top_k: int | None
-    top_p: bool
-    min_p: bool
-    rep: bool
-
-
-def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
-    """HF's RepetitionPenaltyLogitsProcessor (CTRL paper): for every token already present in the
-    sequence (prompt or generated), divide a positive logit by `penalty` and multiply a negative
-    one by it. logits: float (B, V); seen: bool (B, V). Returns (B, V)."""
-    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
-    return jnp.where(seen, penalised, logits)
-
-
-def _sample(logits: jax.Array, key: jax.Array, spec: _Spec, knobs: dict[str, jax.Array],
-            seen: jax.Array | None) -> jax.Array:
-    """One token per row. Order as in HF: repetition penalty, temperature, top-k, top-p, min-p."""
-    if spec.rep:
-        logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
-    if spec.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / knobs["temperature"]
-    idx = None  # candidates: all V tokens, or the best ones sorted high to low with their ids
-    if spec.top_k is not None and spec.top_k < logits.shape[-1]:
-        logits, idx = jax.lax.top_k(logits, spec.top_k)  # (B, k), descending
-    elif spec.top_p:
-        idx = jnp.argsort(-logits, axis=-1)  # (B, V) descending
-        logits = jnp.take_along_axis(logits, idx, axis=-1)
-    if spec.top_p:
-        # Keep the smallest prefix of the sorted candidates whose mass reaches top_p: a token stays
-        # when the mass strictly above it is < top_p (HF TopPLogitsWarper; the best always stays).
-        probs = jax.nn.softmax(logits, axis=-1)
-        above = jnp.cumsum(probs, axis=-1) - probs
-        logits = jnp.where(above < knobs["top_p"], logits, -jnp.inf)
-    if spec.min_p:
-        # HF MinPLogitsWarper: drop tokens whose probability is below min_p x the best one's.
-        probs = jax.nn.softmax(logits, axis=-1)
-        keep = probs >= knobs["min_p"] * jnp.max(probs, axis=-1, keepdims=True)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    choice = jax.random.categorical(key, logits, axis=-1)  # (B,) Gumbel-max
-    if idx is not None:
-        choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-    return choice.astype(jnp.int32)
-
-
-def _make_spec(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
-               repetition_penalty: float | None) -> tuple[_Spec, dict[str, np.ndarray]]:
-    greedy = temperature == 0.0
-    spec = _Spec(
-        greedy=greedy,
-        top_k=None if greedy else top_k,
-        top_p=not greedy and top_p is not None and top_p < 1.0,
-        min_p=not greedy and min_p is not None and min_p > 0.0,
-        rep=repetition_penalty is not None and repetition_penalty != 1.0,
-    )
-    knobs = {
-        "temperature": np.float32(temperature or 1.0),
-        "top_p": np.float32(1.0 if top_p is None else top_p),
-        "min_p": np.float32(0.0 if min_p is None else min_p),
-        "repetition_penalty": np.float32(1.0 if repetition_penalty is None else repetition_penalty),
-    }
-    return spec, knobs
-
-
-def sample_tokens(
-    logits: jax.Array,
-    key: jax.Array,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    seen: jax.Array | None = None,
-) -> jax.Array:
-    """The decode loop's sampler as a standalone function (for tests and custom loops).
-
-    logits: float32 (B, V); key: a PRNG key; seen: bool (B, V), the tokens present so far (needed
-    for repetition_penalty). temperature 0 is greedy. Returns int32 (B,) token ids.
-    """
-    _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, logits.shape[-1])
-    spec, knobs = _make_spec(temperature, top_k, top_p, min_p, repetition_penalty)
-    if spec.rep and seen is None:
-        raise ValueError("repetition_penalty needs `seen`, a bool (B, V) mask of the tokens so far")
-    return _sample_jit(jnp.asarray(logits, jnp.float32), key, spec, knobs, seen)
-
-
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _sample_jit(logits, key, spec, knobs, seen):
-    return _sample(logits, key, spec, knobs, seen)
-
-
-# ----------------------------------------------------------------------------------------------
 # The compiled pieces: prefill and the windowed decode loop.
 
 
-def _accept(state: State, logits: jax.Array, spec: _Spec, knobs: dict[str, jax.Array],
+def _accept(state: State, logits: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Array],
             stops: jax.Array) -> State:
     """Samples token t from logits (B, V), records it and advances t."""
     t = state["t"]
     B = logits.shape[0]
     key = jax.random.fold_in(jax.random.wrap_key_data(state["key"]), t)
-    nxt = _sample(logits, key, spec, knobs, state.get("seen"))  # (B,)
+    nxt = sample(logits, key, spec, knobs, state.get("seen"))  # (B,)
     state = dict(state)
     state["out"] = jax.lax.dynamic_update_slice(state["out"], nxt[:, None], (0, t))
     state["done"] = state["done"] | jnp.any(nxt[:, None] == stops[None, :], axis=-1)
@@ -186,7 +85,7 @@ def _accept(state: State, logits: jax.Array, spec: _Spec, knobs: dict[str, jax.A
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "cache_len", "n_out", "debug"))
 def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array, round_idx: jax.Array,
-             knobs: dict[str, jax.Array], stops: jax.Array, *, cfg: ModelConfig, spec: _Spec,
+             knobs: dict[str, jax.Array], stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
              cache_len: int, n_out: int, debug: bool) -> tuple[Cache, State]:
     """tokens: int32 (B, P) left-padded; pad: int32 (B,). Returns a cache of `cache_len` slots
     holding the prompts' K/V, and the decode state with the first new token sampled."""
@@ -258,7 +157,7 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "window"), donate_argnums=(1, 2))
 def _decode(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
-            stops: jax.Array, *, cfg: ModelConfig, spec: _Spec, window: int) -> tuple[Cache, State]:
+            stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec, window: int) -> tuple[Cache, State]:
     """Decodes while t < limit, the fed slot is inside `window`, and some row is not done."""
 
     def cond(carry):
@@ -298,26 +197,6 @@ def _windows(first_slot: int, cache_len: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------
 # Validation: every bad input is a clear error before anything compiles.
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
-                    repetition_penalty: float | None, vocab_size: int) -> None:
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer)
-                              or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None for all {vocab_size}), got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
-    if min_p is not None and not (isinstance(min_p, int | float) and 0.0 <= min_p <= 1.0):
-        raise ValueError(f"min_p must be in [0, 1] (or None), got {min_p!r}")
-    if repetition_penalty is not None and not (
-        isinstance(repetition_penalty, int | float) and math.isfinite(repetition_penalty)
-        and repetition_penalty > 0
-    ):
-        raise ValueError(
-            f"repetition_penalty must be > 0 (1 is off, > 1 discourages repeats), got {repetition_penalty!r}"
-        )
 
 
 def _check_ids(ids: Any, vocab_size: int, what: str) -> list[int]:
@@ -360,7 +239,7 @@ def _validate(params: Params, cfg: ModelConfig, prompts: Any, max_new_tokens: in
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) \
             or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    _check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, cfg.vocab_size)
+    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, cfg.vocab_size)
     if overflow not in ("error", "slide"):
         raise ValueError(f"overflow must be 'error' or 'slide', got {overflow!r}")
     if overflow == "error":
@@ -398,7 +277,7 @@ class _Round:
 
     params: Params
     cfg: ModelConfig
-    spec: _Spec
+    spec: SamplerSpec
     knobs: dict[str, jax.Array]
     stops: jax.Array
     max_new: int
@@ -431,7 +310,7 @@ class _Round:
         self.state = dict(self.state, done=self.state["done"] | jnp.asarray(rows))
 
 
-def _start(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, spec: _Spec,
+def _start(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, spec: SamplerSpec,
            knobs: dict[str, jax.Array], stops: jax.Array, seed: int, round_idx: int,
            debug: bool) -> _Round:
     B = len(prompts)
@@ -541,7 +420,7 @@ def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new:
 
     logits_log: when a list, each round appends (rows, float32 logits (B_round, t, V)).
     """
-    spec, knobs = _make_spec(temperature, top_k, top_p, min_p, repetition_penalty)
+    spec, knobs = make_spec(temperature, top_k, top_p, min_p, repetition_penalty)
     knobs = {k: jnp.asarray(v) for k, v in knobs.items()}  # on device once, not per call
     stop_arr = jnp.asarray(_stop_ids(stops))
     watch = _TextWatch(list(stop_strings), detokenize) if stop_strings else None

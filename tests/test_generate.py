@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import nanojax as nj
-from nanojax.generate import apply_repetition_penalty, generate, generate_stream, sample_tokens
+from nanojax.generate import generate, generate_stream
+from nanojax.sampling import apply_repetition_penalty, sample_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 GEN = sys.modules["nanojax.generate"]  # `nanojax.generate` the attribute is the function

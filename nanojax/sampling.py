@@ -1,0 +1,136 @@
+"""Samplers: greedy, temperature, top-k, top-p, min-p and repetition penalty, on device.
+
+The decode loop (nanojax/generate.py) compiles one `_sample` call into every step: the static
+choices (`SamplerSpec`) are part of the compiled program and the values (`knobs`) travel as arrays, so
+changing top_p or the temperature reuses the executable. `sample_tokens` is the same sampler as a
+standalone function. Logits are float32 (B, V); the order of the transforms is HF's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """The static part of a sampler (what is compiled in); the values travel as arrays."""
+
+    greedy: bool
+    top_k: int | None
+    top_p: bool
+    min_p: bool
+    rep: bool
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
+    """HF's RepetitionPenaltyLogitsProcessor (CTRL paper): for every token already present in the
+    sequence (prompt or generated), divide a positive logit by `penalty` and multiply a negative
+    one by it. logits: float (B, V); seen: bool (B, V). Returns (B, V)."""
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
+def sample(logits: jax.Array, key: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Array],
+            seen: jax.Array | None) -> jax.Array:
+    """One token per row. Order as in HF: repetition penalty, temperature, top-k, top-p, min-p."""
+    if spec.rep:
+        logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
+    if spec.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / knobs["temperature"]
+    idx = None  # candidates: all V tokens, or the best ones sorted high to low with their ids
+    if spec.top_k is not None and spec.top_k < logits.shape[-1]:
+        logits, idx = jax.lax.top_k(logits, spec.top_k)  # (B, k), descending
+    elif spec.top_p:
+        idx = jnp.argsort(-logits, axis=-1)  # (B, V) descending
+        logits = jnp.take_along_axis(logits, idx, axis=-1)
+    if spec.top_p:
+        # Keep the smallest prefix of the sorted candidates whose mass reaches top_p: a token stays
+        # when the mass strictly above it is < top_p (HF TopPLogitsWarper; the best always stays).
+        probs = jax.nn.softmax(logits, axis=-1)
+        above = jnp.cumsum(probs, axis=-1) - probs
+        logits = jnp.where(above < knobs["top_p"], logits, -jnp.inf)
+    if spec.min_p:
+        # HF MinPLogitsWarper: drop tokens whose probability is below min_p x the best one's.
+        probs = jax.nn.softmax(logits, axis=-1)
+        keep = probs >= knobs["min_p"] * jnp.max(probs, axis=-1, keepdims=True)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    choice = jax.random.categorical(key, logits, axis=-1)  # (B,) Gumbel-max
+    if idx is not None:
+        choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+    return choice.astype(jnp.int32)
+
+
+def make_spec(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+              repetition_penalty: float | None) -> tuple[SamplerSpec, dict[str, np.ndarray]]:
+    """Splits checked sampling arguments into the compiled-in spec and the float32 knob values."""
+    greedy = temperature == 0.0
+    spec = SamplerSpec(
+        greedy=greedy,
+        top_k=None if greedy else top_k,
+        top_p=not greedy and top_p is not None and top_p < 1.0,
+        min_p=not greedy and min_p is not None and min_p > 0.0,
+        rep=repetition_penalty is not None and repetition_penalty != 1.0,
+    )
+    knobs = {
+        "temperature": np.float32(temperature or 1.0),
+        "top_p": np.float32(1.0 if top_p is None else top_p),
+        "min_p": np.float32(0.0 if min_p is None else min_p),
+        "repetition_penalty": np.float32(1.0 if repetition_penalty is None else repetition_penalty),
+    }
+    return spec, knobs
+
+
+def sample_tokens(
+    logits: jax.Array,
+    key: jax.Array,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seen: jax.Array | None = None,
+) -> jax.Array:
+    """The decode loop's sampler as a standalone function (for tests and custom loops).
+
+    logits: float32 (B, V); key: a PRNG key; seen: bool (B, V), the tokens present so far (needed
+    for repetition_penalty). temperature 0 is greedy. Returns int32 (B,) token ids.
+    """
+    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty, logits.shape[-1])
+    spec, knobs = make_spec(temperature, top_k, top_p, min_p, repetition_penalty)
+    if spec.rep and seen is None:
+        raise ValueError("repetition_penalty needs `seen`, a bool (B, V) mask of the tokens so far")
+    return _sample_jit(jnp.asarray(logits, jnp.float32), key, spec, knobs, seen)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _sample_jit(logits, key, spec, knobs, seen):
+    return sample(logits, key, spec, knobs, seen)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+                   repetition_penalty: float | None, vocab_size: int) -> None:
+    """Raises ValueError naming the first bad sampling argument and its valid range."""
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer)
+                              or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 (or None for all {vocab_size}), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+    if min_p is not None and not (isinstance(min_p, int | float) and 0.0 <= min_p <= 1.0):
+        raise ValueError(f"min_p must be in [0, 1] (or None), got {min_p!r}")
+    if repetition_penalty is not None and not (
+        isinstance(repetition_penalty, int | float) and math.isfinite(repetition_penalty)
+        and repetition_penalty > 0
+    ):
+        raise ValueError(
+            f"repetition_penalty must be > 0 (1 is off, > 1 discourages repeats), got {repetition_penalty!r}"
+        )
