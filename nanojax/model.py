@@ -19,6 +19,7 @@ gradient of a 3-D `x @ W` contracts two axes and became a slow transposing fusio
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from collections.abc import Callable
@@ -273,12 +274,29 @@ def causal_attend(cfg: ModelConfig) -> AttendFn:
     return attend
 
 
+# Activation sharding. The model names logical axes only; while a sharded step is traced,
+# nanojax.sharding.activation_sharding(mesh) installs the function that maps them to the mesh.
+# Outside it (one device, generate, tests) `constrain` is the identity.
+ConstrainFn = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
+ACTIVATION_CONSTRAINT: contextvars.ContextVar[ConstrainFn | None] = contextvars.ContextVar(
+    "nanojax_activation_constraint", default=None)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pins activation x's sharding by logical axis names (one per dim), if a mesh is active."""
+    fn = ACTIVATION_CONSTRAINT.get()
+    return x if fn is None else fn(x, axes)
+
+
 def embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """tokens, positions: (B, T) int -> (B*T, D) in the compute dtype."""
-    x = jnp.take(params["wte"], tokens, axis=0)  # (B, T, D)
+    """tokens, positions: (B, T) int -> (B*T, D) in the compute dtype.
+
+    Under a mesh the tables are gathered whole along the width first (FSDP's all-gather), so the
+    looked-up rows come out split like the batch, not like the table."""
+    x = jnp.take(constrain(params["wte"], ("vocab", None)), tokens, axis=0)  # (B, T, D)
     if cfg.pos_emb == "learned":
-        x = x + jnp.take(params["wpe"], positions, axis=0)
-    return x.reshape(-1, cfg.d_model).astype(cfg.compute_dtype)
+        x = x + jnp.take(constrain(params["wpe"], (None, None)), positions, axis=0)
+    return constrain(x.reshape(-1, cfg.d_model).astype(cfg.compute_dtype), ("batch", None))
 
 
 def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:

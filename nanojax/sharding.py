@@ -3,11 +3,16 @@
 Model code never names a mesh axis. Every param leaf carries logical axes
 (`nanojax.model.param_axes`); `RULES` maps each logical name to a mesh axis; the train step takes
 its in/out shardings from here, so one device and many differ only in the mesh shape.
+Activations are pinned the same way where the partitioner needs telling: the model calls
+`nanojax.model.constrain(x, logical_axes)`, and `activation_sharding(mesh)` (active while the
+train step is traced) maps those names through `RULES` too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -17,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from nanojax.config import ModelConfig
-from nanojax.model import ParamSpec, param_specs
+from nanojax.model import ACTIVATION_CONSTRAINT, ParamSpec, param_specs
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -105,6 +110,25 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, P(*lead, RULES["batch"], None))
 
 
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh, rules: dict | None = None) -> Iterator[None]:
+    """While active (around the tracing of a step), `nanojax.model.constrain` pins activations
+    to `mesh` by the same rules as the params. A no-op on a one-device mesh."""
+    if mesh.size == 1:
+        yield
+        return
+
+    def fn(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        spec = logical_to_spec(axes, x.shape, mesh, rules)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    token = ACTIVATION_CONSTRAINT.set(fn)
+    try:
+        yield
+    finally:
+        ACTIVATION_CONSTRAINT.reset(token)
+
+
 def put_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Places a host batch; on several processes each passes its own rows of the global batch."""
     if jax.process_count() == 1:
@@ -114,5 +138,5 @@ def put_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 __all__ = [
     "MESH_AXES", "RULES", "make_mesh", "logical_to_spec", "param_shardings", "opt_state_shardings",
-    "replicated", "batch_sharding", "put_batch",
+    "replicated", "batch_sharding", "activation_sharding", "put_batch",
 ]

@@ -55,14 +55,22 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
-                    schedule: optax.Schedule | None = None) -> Callable:
+                    schedule: optax.Schedule | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
     """The un-jitted step. x, y: int32 (A, B, T) with A micro-batches accumulated per update.
 
     With `schedule`, the metrics carry the step's learning rate too (computed on the device, so
-    the host loop dispatches nothing but the step)."""
+    the host loop dispatches nothing but the step). With `mesh`, activations are pinned to it by
+    logical axes while the step is traced (sharding.activation_sharding)."""
     base_key = jax.random.key(seed)
 
     def step_fn(params, opt_state, x, y, step):
+        if mesh is None:
+            return _step(params, opt_state, x, y, step)
+        with shd.activation_sharding(mesh):
+            return _step(params, opt_state, x, y, step)
+
+    def _step(params, opt_state, x, y, step):
         use_dropout = cfg.dropout > 0
         rng = jax.random.fold_in(base_key, step)
         grad_fn = jax.value_and_grad(loss_fn)
@@ -97,9 +105,12 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
     return step_fn
 
 
-def make_eval_step(cfg: ModelConfig) -> Callable:
+def make_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
     def eval_fn(params, x, y):
-        return loss_fn(params, x, y, cfg)
+        if mesh is None:
+            return loss_fn(params, x, y, cfg)
+        with shd.activation_sharding(mesh):
+            return loss_fn(params, x, y, cfg)
 
     return eval_fn
 
@@ -226,12 +237,12 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
     batch_sh, eval_sh = shd.batch_sharding(mesh, ndim=3), shd.batch_sharding(mesh)
     step_fn = jax.jit(
         make_train_step(cfg, optimizer, config.seed,
-                        lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)),
+                        lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr), mesh),
         in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
         out_shardings=(p_sh, o_sh, repl),
         donate_argnums=(0, 1),
     )
-    eval_fn = jax.jit(make_eval_step(cfg), in_shardings=(p_sh, eval_sh, eval_sh), out_shardings=repl)
+    eval_fn = jax.jit(make_eval_step(cfg, mesh), in_shardings=(p_sh, eval_sh, eval_sh), out_shardings=repl)
 
     def init(key):
         params = init_params(cfg, key)
