@@ -2,10 +2,14 @@
 
     python scripts/bench_train.py                        # both shapes, fp32, eager PyTorch
     python scripts/bench_train.py --shapes=shakespeare --compile   # also torch.compile
+    python scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20   # a GPU
 
 Same shape, batch, dtype and token batches on both sides; the two alternate in rounds of
 --steps steps, and the table reports the median round of each and the ratio of tokens/s.
 Both sides do the full step: forward, backward, global-norm clipping at 1.0 and AdamW.
+Every shape also prints nanojax's MFU against the device's peak (nanojax.metrics; on CPU the
+matmul rate measured in the same process). --dtype=bfloat16 is nanojax's mixed precision (bf16
+compute, fp32 params and optimizer state); the PyTorch side is fp32 only, so it needs --notorch.
 """
 
 import statistics
@@ -21,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 
 import nanojax  # noqa: E402,F401
-from nanojax.metrics import flops_per_token, measured_cpu_peak_flops  # noqa: E402
+from nanojax.metrics import flops_per_token, measured_cpu_peak_flops, mfu  # noqa: E402
 from nanojax.train import build, default_config, model_config_from  # noqa: E402
 
 # name: (preset, batch, context). GPT-2 124M at a CPU-sized batch (DESIGN.md's measurements).
 SHAPES = {
     "shakespeare": ("shakespeare-char-cpu", 12, 64),
     "gpt2": ("gpt2-small", 2, 256),
+    "gpt2-1024": ("gpt2-small", 16, 1024),  # nanoGPT's per-device micro-batch: for an accelerator
 }
 
 flags.DEFINE_list("shapes", ["shakespeare", "gpt2"], f"Any of {sorted(SHAPES)}.")
@@ -36,11 +41,13 @@ flags.DEFINE_integer("rounds", 5, "Alternating rounds per side.")
 flags.DEFINE_bool("compile", False, "Also time torch.compile'd PyTorch.")
 flags.DEFINE_bool("torch", True, "Time PyTorch at all (--notorch: nanojax only).")
 flags.DEFINE_integer("threads", 0, "torch threads (0: the machine's cores).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "nanojax compute dtype.")
 FLAGS = flags.FLAGS
 
 
-def nanojax_stepper(preset, B, T):
-    config = default_config(preset, bias=True, dropout=0.0, max_seq_len=T)  # HF GPT-2 has biases
+def nanojax_stepper(preset, B, T, dtype):
+    # HF GPT-2 has biases; params stay fp32 (the master copy) whatever the compute dtype.
+    config = default_config(preset, bias=True, dropout=0.0, max_seq_len=T, dtype=dtype)
     config.update(batch_size=B, max_steps=10_000, warmup_steps=10)
     cfg = model_config_from(config)
     run = build(config, cfg)
@@ -97,11 +104,13 @@ def main(argv):
     import os
 
     threads = FLAGS.threads or os.cpu_count()
+    if FLAGS.torch and FLAGS.dtype != "float32":
+        raise app.UsageError("the PyTorch side runs float32 only: pass --notorch with --dtype=bfloat16")
     rows = []
     for name in FLAGS.shapes:
         preset, B, T = SHAPES[name]
         steps = FLAGS.steps or (3 if name == "gpt2" else 40)
-        cfg, nj_step, nj_sync = nanojax_stepper(preset, B, T)
+        cfg, nj_step, nj_sync = nanojax_stepper(preset, B, T, FLAGS.dtype)
         rng = np.random.default_rng(0)
         data = [(rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),) * 1 for _ in range(steps)]
         np_batches = [(x, np.roll(x, -1, axis=1)) for (x,) in data]
@@ -127,8 +136,13 @@ def main(argv):
             rows.append((name, f"{B}x{T}", k, t * 1e3, tokens / t, med["nanojax"] and t / med["nanojax"]))
         print(f"[{name}] " + ", ".join(f"{k}: {t * 1e3:.1f} ms/step" for k, t in med.items()), flush=True)
         mflops = flops_per_token(cfg, T) * tokens / med["nanojax"]
-        print(f"[{name}] nanojax {mflops / 1e9:.1f} GFLOP/s (6N + attention), "
-              f"measured fp32 matmul peak {measured_cpu_peak_flops() / 1e9:.1f} GFLOP/s", flush=True)
+        util = mfu(tokens / med["nanojax"], cfg, T)
+        device = jax.devices()[0]
+        peak = (f", measured fp32 matmul peak {measured_cpu_peak_flops() / 1e9:.1f} GFLOP/s"
+                if device.platform == "cpu" else "")
+        print(f"[{name}] nanojax {mflops / 1e9:.1f} GFLOP/s (6N + attention){peak}; MFU "
+              f"{'unknown for ' + device.device_kind if util is None else f'{util:.1%}'} "
+              f"({FLAGS.dtype}, {device.device_kind})", flush=True)
     print("\n| shape | batch x ctx | impl | ms/step | tokens/s | nanojax speed-up |")
     print("|---|---|---|---:|---:|---:|")
     for name, bt, impl, ms, tps, ratio in rows:

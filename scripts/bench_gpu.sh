@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU checks of docs/performance.md in one run (~5 min on one H100, compile included):
+#   1. Llama-2-7B-shaped random bf16 weights, batch 1 decode: tok/s and share of HBM bandwidth.
+#   2. GPT-2 124M bf16 (fp32 master weights) training at 16 x 1024 a step: tokens/s and MFU.
+#
+#   bash scripts/bench_gpu.sh [OUT_DIR]     # logs to OUT_DIR (default: out/bench_gpu)
+#
+# Needs jax with its CUDA (or ROCm) plugin and nanojax's dependencies. On a machine without
+# network access that lacks ml_collections, bring its wheel along and it is installed from there:
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl ml_collections==1.1.0
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-out/bench_gpu}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+if ! "$py" -c "import ml_collections" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --target /tmp/nanojax_site .whl/*.whl
+  export PYTHONPATH="/tmp/nanojax_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+"$py" -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$out/devices.txt" || true
+"$py" scripts/bench_decode.py --shapes=llama2-7b --dtype=bfloat16 --no_hf --repeats=3 2>&1 \
+  | grep -v "^I[0-9]" | tee "$out/decode_llama2_7b.txt"
+"$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20 --rounds=3 2>&1 \
+  | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16.txt"
