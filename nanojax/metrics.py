@@ -1,9 +1,12 @@
-"""FLOPs per token, MFU against a device peak table, and the metrics.jsonl writer."""
+"""FLOPs per token, MFU against a device peak table, the metrics.jsonl writer, and a per-op
+summary of profiler traces."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -119,3 +122,56 @@ class MetricsWriter:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the time went: a jax.profiler trace (--config.profile=START:END) summarised by XLA op.
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    name: str  # an HLO op kind (`dot`, `loop_add_fusion`, ...) or, with by_kind=False, one op
+    module: str  # the executable it belongs to, e.g. `jit_step_fn`
+    seconds: float  # summed over the trace, across all threads / streams that ran it
+    count: int
+
+
+def trace_op_times(trace_dir: str | Path, by_kind: bool = True) -> tuple[list[OpTime], int]:
+    """XLA op times from the newest trace under `trace_dir`, longest first, and how many train
+    steps (outermost `step_fn` dispatches) the trace holds.
+
+    An op is a trace event that XLA tagged with its HLO op and module: on GPU/TPU the device's
+    "XLA Ops" line, on CPU the thunks of XLA:CPU's threads. by_kind folds `dot.12`, `dot.40` ...
+    into `dot`; control ops (while, call, conditional) are left out, their bodies are counted."""
+    files = sorted(Path(trace_dir).glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}: was it written with "
+                                "--config.profile=START:END, and did the run reach END?")
+    pd = jax.profiler.ProfileData.from_file(str(files[-1]))
+    seconds: dict[tuple[str, str], float] = {}
+    counts: dict[tuple[str, str], int] = {}
+    steps: list[tuple[float, float]] = []
+    for plane in pd.planes:
+        on_device = plane.name.startswith("/device:")
+        for line in plane.lines:
+            if on_device and line.name != "XLA Ops":
+                continue
+            for ev in line.events:
+                if ev.name == "PjitFunction(step_fn)":
+                    steps.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+                    continue
+                stats = dict(ev.stats)
+                op, module = stats.get("hlo_op"), stats.get("hlo_module")
+                if not op or not module:
+                    continue
+                kind = re.sub(r"\.\d+$", "", str(op))
+                if kind in ("while", "call", "conditional"):
+                    continue
+                key = (kind if by_kind else str(op), str(module))
+                seconds[key] = seconds.get(key, 0.0) + ev.duration_ns * 1e-9
+                counts[key] = counts.get(key, 0) + 1
+    n_steps, end = 0, float("-inf")
+    for start, stop in sorted(steps):  # a dispatch is recorded as nested events
+        if start >= end:
+            n_steps, end = n_steps + 1, stop
+    ops = [OpTime(name, module, seconds[name, module], counts[name, module]) for name, module in seconds]
+    return sorted(ops, key=lambda o: -o.seconds), n_steps

@@ -399,7 +399,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                 x, y = host_batch(train_tokens, config.seed, step, A)
                 params, opt_state, metrics = step_fn(
                     params, opt_state, shd.put_batch(x, batch_sh), shd.put_batch(y, batch_sh),
-                    jnp.asarray(step, jnp.int32))
+                    np.int32(step))  # a numpy scalar: no convert executable a step
                 if pending:
                     finish(pending)
                 pending = (step + 1, metrics)

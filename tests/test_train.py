@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,9 +16,16 @@ import pytest
 
 import nanojax as nj
 from nanojax import data
-from nanojax.metrics import read_metrics
+from nanojax.metrics import read_metrics, trace_op_times
 from nanojax.tokenizer import CharTokenizer
-from nanojax.train import NonFiniteLossError, WorkdirMismatchError, default_config, train
+from nanojax.train import (
+    NonFiniteLossError,
+    WorkdirMismatchError,
+    build,
+    default_config,
+    model_config_from,
+    train,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 # Varied synthetic text, so the mechanics tests never depend on $NANOJAX_TEST_TEXT.
@@ -223,27 +231,26 @@ def test_bad_data_and_vocab(synth_data, tmp_path):
     assert json.loads((synth_data / "meta.json").read_text())["vocab_size"] == len(set(SYNTH)) == 23
 
 
-def _traced_steps(trace_dir: Path) -> int:
-    """How many executions of the jitted train step a jax.profiler trace holds."""
-    (pb,) = trace_dir.glob("**/*.xplane.pb")
-    pd = jax.profiler.ProfileData.from_file(str(pb))
-    spans = sorted((ev.start_ns, ev.start_ns + ev.duration_ns) for plane in pd.planes
-                   for line in plane.lines for ev in line.events if ev.name == "PjitFunction(step_fn)")
-    outer, end = 0, -1.0
-    for start, stop in spans:  # the dispatch is recorded as nested events: count outermost ones
-        if start >= end:
-            outer, end = outer + 1, stop
-    return outer
-
-
-def test_profile_traces_exactly_the_asked_steps(synth_data, tmp_path):
-    train(small_config(synth_data, profile="3:5"), tmp_path / "a", progress=False)
-    assert _traced_steps(tmp_path / "a" / "profile") == 2
+def test_profile_traces_exactly_the_asked_steps_and_names_their_ops(synth_data, tmp_path):
+    c = small_config(synth_data, profile="3:5")
+    train(c, tmp_path / "a", progress=False)
+    ops, steps = trace_op_times(tmp_path / "a" / "profile", by_kind=False)
+    assert steps == 2
+    # Every op the summary names is an instruction of the compiled step (XLA's own HLO text).
+    run = build(c, model_config_from(c, vocab_size=len(set(SYNTH))))
+    hlo = run.step_fn.lower(*run.abstract_step_args(c.batch_size, c.grad_accum)).compile().as_text()
+    names = set(re.findall(r"%([\w.-]+) = ", hlo))
+    step_ops = [o for o in ops if o.module == "jit_step_fn"]
+    assert step_ops and all(o.count > 0 for o in step_ops) and sum(o.seconds for o in step_ops) > 0
+    assert {o.name for o in step_ops} <= names, {o.name for o in step_ops} - names
+    assert any("dot" in o.name or o.name.startswith("ynn") for o in step_ops)  # the matmuls are there
     # A window running past the last step still closes the trace and writes it.
     train(small_config(synth_data, profile="18:40"), tmp_path / "b", progress=False)
-    assert _traced_steps(tmp_path / "b" / "profile") == 2
+    assert trace_op_times(tmp_path / "b" / "profile")[1] == 2
     with pytest.raises(ValueError, match="START:END"):
         train(small_config(synth_data, profile="5"), tmp_path / "c", progress=False)
+    with pytest.raises(FileNotFoundError, match="--config.profile"):
+        trace_op_times(tmp_path / "c")
 
 
 def test_logged_learning_rate_follows_warmup_then_cosine(synth_data, tmp_path):
