@@ -5,7 +5,8 @@
     python scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20   # a GPU
 
 Same shape, batch, dtype and token batches on both sides; the two alternate in rounds of
---steps steps, and the table reports the median round of each and the ratio of tokens/s.
+--steps steps (after two warm-up steps and one untimed round each), and the table reports the
+median round of each and the ratio of tokens/s.
 Both sides do the full step: forward, backward, global-norm clipping at 1.0 and AdamW.
 Every shape also prints nanojax's MFU against the device's peak (nanojax.metrics; on CPU the
 matmul rate measured in the same process). --dtype=bfloat16 is nanojax's mixed precision (bf16
@@ -126,6 +127,11 @@ def main(argv):
                 sides["torch.compile"] = (torch_stepper(cfg, True), lambda: None, tb)
         for step, sync, batches in sides.values():  # warm up: compile, allocate
             time_round(step, batches[:2], sync)
+        # One untimed round of each side more, in the timed order: all sides share the process's
+        # heap, and the first round after another side's first big allocation (torch.compile's
+        # especially) pays page faults that no later round does.
+        for step, sync, batches in sides.values():
+            time_round(step, batches, sync)
         times = {k: [] for k in sides}
         for _ in range(FLAGS.rounds):
             for k, (step, sync, batches) in sides.items():
