@@ -161,6 +161,8 @@ def trace_op_times(trace_dir: str | Path, by_kind: bool = True) -> tuple[list[Op
                     continue
                 stats = dict(ev.stats)
                 op, module = stats.get("hlo_op"), stats.get("hlo_module")
+                if on_device:  # every event on a device's op line is an op, tagged or not
+                    op, module = op or ev.name, module or "?"
                 if not op or not module:
                     continue
                 kind = re.sub(r"\.\d+$", "", str(op))
