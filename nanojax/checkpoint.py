@@ -17,10 +17,13 @@ from orbax.checkpoint.checkpoint_managers import save_decision_policy as sdp
 
 
 def _abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings where known) to restore into."""
+    """ShapeDtypeStructs to restore into: each leaf's own sharding where it has one, else this
+    process's first device, so a checkpoint written on any number of devices (and processes)
+    loads on this machine; without a target sharding orbax refuses a different topology."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def leaf(x):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default)
 
     return jax.tree.map(leaf, tree)
 

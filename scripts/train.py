@@ -4,6 +4,16 @@
     python scripts/train.py --config=configs/shakespeare_char.py --workdir=out/sc --config.batch_size=32
 
 Rerunning the same command resumes from the latest checkpoint in the workdir.
+
+Several processes (hosts), each running this same command on its own devices:
+
+    python scripts/train.py ... --coordinator=host0:1234 --num_processes=2 --process_id=0   # host 0
+    python scripts/train.py ... --coordinator=host0:1234 --num_processes=2 --process_id=1   # host 1
+    python scripts/train.py ... --distributed     # under SLURM / Open MPI: found from the environment
+
+The mesh then spans every process's devices (`--config.mesh.*`); each process loads its own rows
+of every batch; all of them write the one checkpoint (the workdir must be on a shared filesystem)
+and process 0 writes metrics.jsonl. On CPU the collectives go over gloo.
 """
 
 import sys
@@ -19,14 +29,32 @@ from nanojax.train import NonFiniteLossError, WorkdirMismatchError, train  # noq
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, config.json, metrics.jsonl.")
+flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0, for a multi-process run.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1 (with --coordinator).")
+flags.DEFINE_bool("distributed", False, "Multi-process run configured from the cluster's environment.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
+
+
+def _init_distributed() -> None:
+    explicit = (FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    if not FLAGS.distributed and all(v is None for v in explicit):
+        return
+    if not FLAGS.distributed and any(v is None for v in explicit):
+        raise app.UsageError("a multi-process run needs all of --coordinator, --num_processes and "
+                             "--process_id (or --distributed to read them from SLURM / Open MPI)")
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices across processes
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
 
 
 def main(argv):
     del argv
     if FLAGS.verbosity <= 0:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --v=1 brings it back
+    _init_distributed()
     try:
         summary = train(FLAGS.config, FLAGS.workdir)
     except (NonFiniteLossError, WorkdirMismatchError, ValueError, FileNotFoundError) as e:

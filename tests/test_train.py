@@ -283,3 +283,41 @@ def test_bf16_compute_keeps_fp32_params_and_tracks_the_fp32_run(synth_data, tmp_
     # The synthetic text is uniform over 23 symbols, so both runs head for ln(23) = 3.135 nats.
     np.testing.assert_allclose([b16[s] for s in (1, 10, 30)], [f32[s] for s in (1, 10, 30)], rtol=0.03)
     assert b16[1] != f32[1]  # and the bf16 run really computed in bf16
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(synth_data, tmp_path):
+    """Real multi-process JAX (2 processes x 2 CPU devices, gloo) against 1 process x 4 devices:
+    the same losses, and one checkpoint that holds the same params."""
+    extra = ["--config.max_steps=6", "--config.ckpt_every=3", "--config.eval_every=3",
+             "--config.batch_size=8", "--config.mesh.data=2", "--config.mesh.fsdp=2"]
+
+    def env(devices):
+        flag = f"--xla_force_host_platform_device_count={devices}"
+        return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag)
+
+    one = subprocess.run(_train_cmd(synth_data, tmp_path / "one", *extra), capture_output=True, text=True,
+                         env=env(4), timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    dist = [f"--coordinator=localhost:{port}", "--num_processes=2"]
+    procs = [subprocess.Popen(_train_cmd(synth_data, tmp_path / "two", *extra, *dist, f"--process_id={i}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(2))
+             for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(b) == list(range(1, 7))
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
+    # Both checkpoints (4 devices; 2 processes) load here, on this process's one device.
+    _, pa, _ = nj.load_checkpoint(tmp_path / "one")
+    _, pb, _ = nj.load_checkpoint(tmp_path / "two")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), pa, pb)
