@@ -21,7 +21,7 @@ How one call runs (B prompts of different lengths):
 4. Decode: a `lax.while_loop` inside one jit; each iteration feeds the last token through the
    model (cache donated and updated in place), samples the next on device and stops early once
    every row has produced a stop token or the budget is spent. Attention reads only the cache
-   prefix up to a static *window* end: the loop runs once per power-of-two window (128, 256,
+   prefix up to a static *window* end: the loop runs once per power-of-two window (64, 128,
    ..., C), so attention costs what the filled length costs (within 2x), not C. Attending over a
    long cache with a mask was 2x slower (DESIGN.md); the windows are how few compiled variants
    recover it. The host dispatches one call per window without waiting, and sees tokens only
@@ -52,7 +52,7 @@ Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [B, C, K, H]
 State = dict[str, Any]
 
 MIN_PROMPT_BUCKET = 8  # P is a power of two >= this (and <= the cache length)
-MIN_WINDOW = 128  # smallest attention window: below it, reading a few unused slots costs nothing
+MIN_WINDOW = 64  # smallest attention window: below it, reading a few unused slots costs nothing
 _NEG = float(jnp.finfo(jnp.float32).min)
 
 
@@ -155,9 +155,9 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Arra
     return out.reshape(B, 1, N, H)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "window"), donate_argnums=(1, 2))
-def _decode(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
-            stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec, window: int) -> tuple[Cache, State]:
+def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
+                 stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
+                 window: int) -> tuple[Cache, State]:
     """Decodes while t < limit, the fed slot is inside `window`, and some row is not done."""
 
     def cond(carry):
@@ -183,6 +183,25 @@ def _decode(params: Params, cache: Cache, state: State, limit: jax.Array, knobs:
         return cache, _accept(st, logits, spec, knobs, stops)
 
     return jax.lax.while_loop(cond, body, (cache, state))
+
+
+# XLA:CPU rewrites every reduction longer than 32 into a reduce-window plus a reduce (pairwise sums,
+# for the accuracy of long reductions). A decode step reduces only over d_model and the attention
+# window, and those extra thunks cost ~3% of a small model's step (docs/performance.md), so the
+# decode executable skips that pass on CPU. Other backends compile it as is.
+_CPU_DECODE_OPTIONS = {"xla_disable_hlo_passes": "tree_reduction_rewriter"}
+
+
+@functools.cache
+def _decode_jit() -> Callable:
+    options = _CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
+    return jax.jit(_decode_loop, static_argnames=("cfg", "spec", "window"), donate_argnums=(1, 2),
+                   compiler_options=options)
+
+
+def _decode(*args: Any, **kwargs: Any) -> tuple[Cache, State]:
+    """The jitted decode loop (cache and state donated); see _decode_loop."""
+    return _decode_jit()(*args, **kwargs)
 
 
 def _windows(first_slot: int, cache_len: int) -> list[int]:
