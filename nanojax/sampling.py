@@ -37,7 +37,7 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Ar
 
 
 def sample(logits: jax.Array, key: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Array],
-            seen: jax.Array | None) -> jax.Array:
+           seen: jax.Array | None) -> jax.Array:
     """One token per row. Order as in HF: repetition penalty, temperature, top-k, top-p, min-p."""
     if spec.rep:
         logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])

@@ -111,10 +111,10 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def activation_sharding(mesh: jax.sharding.Mesh, rules: dict | None = None) -> Iterator[None]:
+def activation_sharding(mesh: jax.sharding.Mesh | None, rules: dict | None = None) -> Iterator[None]:
     """While active (around the tracing of a step), `nanojax.model.constrain` pins activations
-    to `mesh` by the same rules as the params. A no-op on a one-device mesh."""
-    if mesh.size == 1:
+    to `mesh` by the same rules as the params. A no-op without a mesh or on a one-device mesh."""
+    if mesh is None or mesh.size == 1:
         yield
         return
 

@@ -65,8 +65,6 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
     base_key = jax.random.key(seed)
 
     def step_fn(params, opt_state, x, y, step):
-        if mesh is None:
-            return _step(params, opt_state, x, y, step)
         with shd.activation_sharding(mesh):
             return _step(params, opt_state, x, y, step)
 
@@ -107,8 +105,6 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
 
 def make_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
     def eval_fn(params, x, y):
-        if mesh is None:
-            return loss_fn(params, x, y, cfg)
         with shd.activation_sharding(mesh):
             return loss_fn(params, x, y, cfg)
 
