@@ -16,16 +16,21 @@ How one call runs (B prompts of different lengths):
    write their next token into the same slot, so a cache write is one `dynamic_update_slice` for
    the whole batch; pad slots are masked out of attention.
 3. Prefill: one jit call runs the P slots through the model (`hidden_states` with an `AttendFn`
-   that writes K/V), fills a fresh cache of C = next_pow2(P + max_new_tokens) slots per layer,
-   [B, C, K, H] in the compute dtype, and samples the first new token on device.
+   that writes K/V) into a fresh cache per layer and samples the first new token on device.
 4. Decode: a `lax.while_loop` inside one jit; each iteration feeds the last token through the
    model (cache donated and updated in place), samples the next on device and stops early once
-   every row has produced a stop token or the budget is spent. Attention reads only the cache
-   prefix up to a static *window* end: the loop runs once per power-of-two window (64, 128,
-   ..., C), so attention costs what the filled length costs (within 2x), not C. Attending over a
-   long cache with a mask was 2x slower (DESIGN.md); the windows are how few compiled variants
+   every row has produced a stop token or the budget is spent. The budget fixes the cache length
+   C = next_pow2(P + max_new_tokens) slots; the loop runs once per power-of-two *window* of it
+   (64, 128, ..., C), and during the window ending at W the cache holds exactly W slots, so
+   attention reads what the filled length costs (within 2x), not C. Attending over a long
+   cache with a mask was 2x slower (DESIGN.md); the windows are how few compiled variants
    recover it. The host dispatches one call per window without waiting, and sees tokens only
    when it asks: at the end, or once per streamed chunk.
+
+The KV cache, per layer (k, v), each [B*K, W, H] in the compute dtype: row b*K + k is batch row b's
+kv head k, so both attention products are plain batched matmuls over a contiguous cache, with no
+per-token copy of it. The window call that first reaches W pads the cache to W slots once (a
+copy per doubling, ~log2(C) per call); within a window it is donated and written in place.
 
 Stop semantics: a stop token id *is* included in the returned tokens (as in HF `generate`), and
 nothing after it is; a stop string is *not* included: the output is cut just before it (on token
@@ -48,7 +53,7 @@ from nanojax.config import ModelConfig
 from nanojax.model import Params, hidden_states, unembed
 from nanojax.sampling import SamplerSpec, check_sampling, make_spec, sample
 
-Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [B, C, K, H]
+Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [B*K, W, H] (module docstring)
 State = dict[str, Any]
 
 MIN_PROMPT_BUCKET = 8  # P is a power of two >= this (and <= the cache length)
@@ -83,11 +88,17 @@ def _accept(state: State, logits: jax.Array, spec: SamplerSpec, knobs: dict[str,
     return state
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "cache_len", "n_out", "debug"))
+def _heads_first(x: jax.Array) -> jax.Array:
+    """(B, T, K, H) keys or values -> (B*K, T, H), the cache's layout."""
+    B, T, K, H = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B * K, T, H)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "window", "n_out", "debug"))
 def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array, round_idx: jax.Array,
              knobs: dict[str, jax.Array], stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
-             cache_len: int, n_out: int, debug: bool) -> tuple[Cache, State]:
-    """tokens: int32 (B, P) left-padded; pad: int32 (B,). Returns a cache of `cache_len` slots
+             window: int, n_out: int, debug: bool) -> tuple[Cache, State]:
+    """tokens: int32 (B, P) left-padded; pad: int32 (B,). Returns a cache of `window` slots
     holding the prompts' K/V, and the decode state with the first new token sampled."""
     B, P = tokens.shape
     K, H, V = cfg.kv_heads, cfg.resolved_head_dim, cfg.vocab_size
@@ -98,11 +109,11 @@ def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array,
 
     def attend(q, k, v, layer_cache):
         kc, vc = layer_cache
-        kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, 0, 0, 0))
-        vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, 0, 0, 0))
+        kc = jax.lax.dynamic_update_slice(kc, _heads_first(k.astype(kc.dtype)), (0, 0, 0))
+        vc = jax.lax.dynamic_update_slice(vc, _heads_first(v.astype(vc.dtype)), (0, 0, 0))
         return attention(q, k, v, mask=mask, impl="xla"), (kc, vc)
 
-    shape = (B, cache_len, K, H)
+    shape = (B * K, window, H)
     cache = [(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
              for _ in range(cfg.n_layer)]
     x, cache = hidden_states(params, tokens, cfg, positions=positions, attend=attend, layer_states=cache)
@@ -128,37 +139,36 @@ def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array,
     return cache, _accept(state, logits, spec, knobs, stops)
 
 
-def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Array, pad: jax.Array,
-                      window: int) -> jax.Array:
-    """One query per row over cache slots [pad[b], slot], read from the static prefix [0, window).
+def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Array,
+                      pad: jax.Array) -> jax.Array:
+    """One query per row over cache slots [pad[b], slot] of a W-slot cache.
 
-    q: (B, 1, N, H); kc, vc: (B, C, K, H). Returns (B, 1, N, H). Softmax in float32.
-    The scores come out slot-major, (B, W, K, G), the cache's own order. With the heads-major
-    order of training attention, XLA:CPU transposed the cache window element by element into
-    (B, K, H, W) before each dot, per layer per token; in this order it copies whole H-rows into
-    (B, K, W, H), which measured as fast as leaving attention out altogether (134M Llama shape,
-    batch 1 and 8, windows of 128-256). A heads-first cache [B, K, C, H] avoided the copy but was
-    no faster at batch 1 and ~25% slower at batch 8.
+    q: (B, 1, N, H); kc, vc: (B*K, W, H). Returns (B, 1, N, H). Softmax in float32.
+    With (batch, kv head) as the one leading batch dimension, both products are batched matmuls
+    that read the cache where it lies. Both earlier layouts paid a copy of the window per layer
+    per token, because XLA:CPU's dot wants its batch dimensions major: [B, C, K, H] (slot-major,
+    batch and heads split by the slot axis), and [B, K, C, H] (a window slice of it is strided).
+    A 4-d [B, K, W, H] cache copied as well: at batch 1 XLA fused the cache write into the
+    reshape feeding the dot and so had to copy the cache around the in-place write.
     """
     B, _, N, H = q.shape
-    K = kc.shape[2]
-    G = N // K
-    k = kc[:, :window]  # (B, W, K, H): a static slice, no copy of the rest
-    v = vc[:, :window]
-    qg = q.reshape(B, K, G, H)
-    scores = jnp.einsum("bkgh,bwkh->bwkg", qg, k, preferred_element_type=jnp.float32) * (H**-0.5)
-    w = jnp.arange(window, dtype=jnp.int32)
+    W = kc.shape[1]
+    K = kc.shape[0] // B
+    qg = q.reshape(B * K, N // K, H)
+    scores = jnp.einsum("ngh,nwh->ngw", qg, kc, preferred_element_type=jnp.float32) * (H**-0.5)
+    w = jnp.arange(W, dtype=jnp.int32)
     mask = (w[None, :] >= pad[:, None]) & (w[None, :] <= slot)  # (B, W)
-    scores = jnp.where(mask[:, :, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=1).astype(v.dtype)  # over W
-    out = jnp.einsum("bwkg,bwkh->bkgh", probs, v)  # (B, K, G, H)
+    scores = jnp.where(jnp.repeat(mask, K, axis=0)[:, None, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(vc.dtype)  # over W
+    out = jnp.einsum("ngw,nwh->ngh", probs, vc)  # (B*K, G, H)
     return out.reshape(B, 1, N, H)
 
 
 def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
                  stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
                  window: int) -> tuple[Cache, State]:
-    """Decodes while t < limit, the fed slot is inside `window`, and some row is not done."""
+    """Decodes while t < limit, the fed slot is inside `window`, and some row is not done.
+    A cache shorter than `window` slots is first padded to it."""
 
     def cond(carry):
         _, st = carry
@@ -172,9 +182,9 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
 
         def attend(q, k, v, layer_cache):
             kc, vc = layer_cache
-            kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, slot, 0, 0))
-            vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, slot, 0, 0))
-            return _decode_attention(q, kc, vc, slot, pad, window), (kc, vc)
+            kc = jax.lax.dynamic_update_slice(kc, _heads_first(k.astype(kc.dtype)), (0, slot, 0))
+            vc = jax.lax.dynamic_update_slice(vc, _heads_first(v.astype(vc.dtype)), (0, slot, 0))
+            return _decode_attention(q, kc, vc, slot, pad), (kc, vc)
 
         positions = (slot - pad)[:, None]  # (B, 1)
         x, cache = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,
@@ -182,6 +192,10 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
         logits = unembed(params, x, cfg)  # (B, V)
         return cache, _accept(st, logits, spec, knobs, stops)
 
+    def grow(c: jax.Array) -> jax.Array:
+        return jnp.pad(c, ((0, 0), (0, window - c.shape[1]), (0, 0)))
+
+    cache = [(grow(kc), grow(vc)) for kc, vc in cache]
     return jax.lax.while_loop(cond, body, (cache, state))
 
 
@@ -193,15 +207,17 @@ _CPU_DECODE_OPTIONS = {"xla_disable_hlo_passes": "tree_reduction_rewriter"}
 
 
 @functools.cache
-def _decode_jit() -> Callable:
+def _decode_jit(donate_cache: bool) -> Callable:
     options = _CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
-    return jax.jit(_decode_loop, static_argnames=("cfg", "spec", "window"), donate_argnums=(1, 2),
-                   compiler_options=options)
+    return jax.jit(_decode_loop, static_argnames=("cfg", "spec", "window"),
+                   donate_argnums=(1, 2) if donate_cache else (2,), compiler_options=options)
 
 
-def _decode(*args: Any, **kwargs: Any) -> tuple[Cache, State]:
-    """The jitted decode loop (cache and state donated); see _decode_loop."""
-    return _decode_jit()(*args, **kwargs)
+def _decode(params: Params, cache: Cache, *args: Any, window: int, **kwargs: Any) -> tuple[Cache, State]:
+    """The jitted decode loop, state donated; the cache too unless it grows to a new window
+    (a buffer of another shape cannot take the result). See _decode_loop."""
+    same = cache[0][0].shape[1] == window
+    return _decode_jit(same)(params, cache, *args, window=window, **kwargs)
 
 
 def _windows(first_slot: int, cache_len: int) -> list[int]:
@@ -343,7 +359,7 @@ def _start(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: 
         pad[i] = P - len(p)
     n_out = cache_len - P
     cache, state = _prefill(params, tokens, pad, np.uint32(seed % 2**32), np.int32(round_idx), knobs, stops,
-                            cfg=cfg, spec=spec, cache_len=cache_len, n_out=n_out, debug=debug)
+                            cfg=cfg, spec=spec, window=_windows(P, cache_len)[0], n_out=n_out, debug=debug)
     return _Round(params, cfg, spec, knobs, stops, max_new, cache, state, cache_len, P)
 
 
