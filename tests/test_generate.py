@@ -3,6 +3,7 @@ streaming, stop tokens and strings, sliding past the context, and every bad inpu
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,38 @@ def test_every_cached_step_equals_a_full_forward(cfg, monkeypatch):
         full = fwd(params, seq)[0, len(prompt) - 1: -1]  # the logits that predicted each new token
         np.testing.assert_allclose(lg, full, atol=1e-5, rtol=1e-5)
         assert toks == np.argmax(lg, -1).tolist()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_decode_loop_reads_the_cache_where_it_lies(batch):
+    """The compiled decode loop copies no cache-window-sized array: before the [B*K, W, H] layout,
+    XLA:CPU copied every layer's K and V window each token (docs/performance.md)."""
+    calls = []
+    real = GEN._decode
+
+    def spy(params, cache, *args, window, **kw):
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, cache, args))
+        calls.append((shapes, window, kw))
+        return real(params, cache, *args, window=window, **kw)
+
+    params = nj.init_params(TINY_LLAMA, jax.random.key(3))
+    GEN._decode = spy
+    try:
+        generate(params, TINY_LLAMA, PROMPTS[:batch], max_new_tokens=80)
+    finally:
+        GEN._decode = real
+    (p, cache, args), window, kw = calls[-1]  # the last window, entered with a smaller cache
+    full = [(jax.ShapeDtypeStruct(k.shape[:1] + (window,) + k.shape[2:], k.dtype),) * 2 for k, _ in cache]
+    H = TINY_LLAMA.resolved_head_dim
+    # Entering a window (the cache grows) and continuing in it (a streamed chunk): both compiled.
+    for grows, c in [(True, cache), (False, full)]:
+        assert (c[0][0].shape[1] < window) == grows
+        hlo = GEN._decode_jit(not grows).lower(p, c, *args, window=window, **kw).compile().as_text()
+        big_copies = []
+        for m in re.finditer(r"%((?:copy|transpose)[\w.-]*) = \w+\[([\d,]*)\]", hlo):
+            if np.prod([int(d) for d in m.group(2).split(",") if d]) >= window * H:
+                big_copies.append(m.group(0))
+        assert "while(" in hlo and not big_copies, big_copies
 
 
 def test_batch_composition_does_not_change_a_row():
