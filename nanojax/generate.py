@@ -154,7 +154,8 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Arra
     B, _, N, H = q.shape
     W = kc.shape[1]
     K = kc.shape[0] // B
-    qg = q.reshape(B * K, N // K, H)
+    G = N // K  # query heads per kv head
+    qg = q.reshape(B * K, G, H)
     scores = jnp.einsum("ngh,nwh->ngw", qg, kc, preferred_element_type=jnp.float32) * (H**-0.5)
     w = jnp.arange(W, dtype=jnp.int32)
     mask = (w[None, :] >= pad[:, None]) & (w[None, :] <= slot)  # (B, W)
