@@ -16,6 +16,7 @@ of every batch; all of them write the one checkpoint (the workdir must be on a s
 and process 0 writes metrics.jsonl. On CPU the collectives go over gloo.
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def main(argv):
     if summary["interrupted"]:
         print(f"interrupted: checkpoint saved at step {summary['step']}; rerun the same command to resume.")
         return 128 + summary["interrupted"]
+    if math.isnan(summary["train_loss"]):  # resumed at max_steps: no step ran
+        print(f"done: the run in {FLAGS.workdir} had already reached step {summary['step']}; raise "
+              "--config.max_steps to train on, or pass a new --workdir to start over.")
+        return 0
     val = summary.get("val_loss")
     print(f"done: step {summary['step']}, train loss {summary['train_loss']:.4f}"
           + (f", val loss {val:.4f}" if val is not None else ""))

@@ -131,6 +131,10 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_losses(synth_dat
     got = losses(run)
     assert sorted(got) == list(range(1, 61))  # one line per step, the dead run's extra lines dropped
     assert got == expected  # bit-for-bit the losses of the uninterrupted run
+    # Once more: the run is finished; it says so, trains nothing and leaves the metrics alone.
+    again = subprocess.run(_train_cmd(synth_data, run), capture_output=True, text=True)
+    assert again.returncode == 0 and "already reached step 60" in again.stdout, again.stdout + again.stderr
+    assert losses(run) == expected
 
 
 def test_training_a_workdir_holding_imported_weights_fine_tunes_them(synth_data, tmp_path):
