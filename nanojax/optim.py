@@ -31,22 +31,19 @@ def lr_schedule(lr: float, warmup_steps: int, total_steps: int, min_lr: float) -
 
 
 def make_optimizer(
+    schedule: optax.Schedule | float,
     *,
-    lr: float,
-    warmup_steps: int,
-    total_steps: int,
-    min_lr: float,
     weight_decay: float = 0.1,
     b1: float = 0.9,
     b2: float = 0.95,
     eps: float = 1e-8,
     grad_clip: float = 1.0,
 ) -> optax.GradientTransformation:
-    """clip_by_global_norm(grad_clip) then AdamW (decoupled decay, Loshchilov & Hutter 2019)."""
+    """clip_by_global_norm(grad_clip) then AdamW (decoupled decay, Loshchilov & Hutter 2019) at the
+    learning rate `schedule` (step -> rate, e.g. `lr_schedule(...)`, or a constant)."""
     # identity() keeps the state's structure when clipping is off, so a run can resume either way.
     chain = [optax.clip_by_global_norm(grad_clip) if grad_clip and grad_clip > 0 else optax.identity()]
     chain.append(
-        optax.adamw(lr_schedule(lr, warmup_steps, total_steps, min_lr), b1=b1, b2=b2, eps=eps,
-                    weight_decay=weight_decay, mask=decay_mask)
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     )
     return optax.chain(*chain)

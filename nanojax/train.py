@@ -222,18 +222,15 @@ class Run:
 def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
     """Mesh, optimizer, shardings and jitted step/eval/init for a training config."""
     mesh = shd.make_mesh(**config.mesh.to_dict())
-    optimizer = make_optimizer(
-        lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
-        min_lr=config.min_lr, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-        grad_clip=config.grad_clip,
-    )
+    schedule = lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)
+    optimizer = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                               grad_clip=config.grad_clip)
     p_sh = shd.param_shardings(cfg, mesh)
     o_sh = shd.opt_state_shardings(optimizer, param_shapes(cfg), p_sh, mesh)
     repl = shd.replicated(mesh)
     batch_sh, eval_sh = shd.batch_sharding(mesh, ndim=3), shd.batch_sharding(mesh)
     step_fn = jax.jit(
-        make_train_step(cfg, optimizer, config.seed,
-                        lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr), mesh),
+        make_train_step(cfg, optimizer, config.seed, schedule, mesh),
         in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
         out_shardings=(p_sh, o_sh, repl),
         donate_argnums=(0, 1),
