@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU checks of docs/performance.md in one run (~5 min on one H100, compile included):
+# The GPU checks in one run (~5 min on one H100, compile included):
+#   0. The GPU tests (`pytest -m gpu tests/test_gpu.py`): cuDNN vs XLA attention, memory stats,
+#      the MFU peak table, GPU vs CPU logits, gradients and greedy tokens.
 #   1. Llama-2-7B-shaped random bf16 weights, batch 1 decode: tok/s and share of HBM bandwidth.
 #   2. GPT-2 124M bf16 (fp32 master weights) training at 16 x 1024 a step: tokens/s and MFU.
 #
@@ -18,8 +20,11 @@ if ! "$py" -c "import ml_collections" 2>/dev/null && compgen -G ".whl/*.whl" >/d
   export PYTHONPATH="/tmp/nanojax_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # nanojax from this checkout, installed or not
 "$py" -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$out/devices.txt" || true
+JAX_PLATFORMS=cuda,cpu "$py" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py 2>&1 \
+  | tee "$out/pytest_gpu.txt" || echo "GPU TESTS FAILED (see $out/pytest_gpu.txt)"
 "$py" scripts/bench_decode.py --shapes=llama2-7b --dtype=bfloat16 --no_hf --repeats=3 2>&1 \
   | grep -v "^I[0-9]" | tee "$out/decode_llama2_7b.txt"
 "$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20 --rounds=3 2>&1 \
