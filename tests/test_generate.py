@@ -1,5 +1,6 @@
-"""Inference tests: HF greedy oracle on ragged batches, cached logits = full forward, samplers,
-streaming, stop tokens and strings, sliding past the context, and every bad input."""
+"""Inference tests: HF greedy oracle on ragged batches, cached logits = full forward (fp32, and
+bf16 against fp32), samplers, streaming, stop tokens and strings (also straddling BPE tokens),
+sliding past the context, and every bad input. Sampler distributions: tests/test_sampling.py."""
 
 import json
 import os
@@ -15,12 +16,25 @@ import pytest
 
 import nanojax as nj
 from nanojax.generate import generate, generate_stream
+from nanojax.model import ParamSpec, param_specs
 from nanojax.sampling import apply_repetition_penalty, sample_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 GEN = sys.modules["nanojax.generate"]  # `nanojax.generate` the attribute is the function
 
 PROMPTS = [[5, 17, 3, 9, 44, 2, 71], [8], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41], [60, 61, 62]]
+
+
+def _params(cfg: nj.ModelConfig, seed: int) -> dict:
+    """Random params with init_params' structure and scales, from numpy: init_params' jax.random
+    compiles for every new shape, ~5 s per config on these CPUs."""
+    rng = np.random.default_rng(seed)
+
+    def make(s: ParamSpec) -> jax.Array:
+        x = rng.normal(0.0, s.std, s.shape) if s.init == "normal" else np.full(s.shape, s.init == "ones")
+        return jnp.asarray(x.astype(cfg.weight_dtype))  # cast on the host: nothing to compile
+
+    return jax.tree.map(make, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,15 +109,15 @@ def _hf_llama(seed=0):
 
 @pytest.mark.parametrize("build", [_hf_gpt2, _hf_llama], ids=["gpt2", "llama-gqa"])
 def test_greedy_matches_hf_generate_on_a_ragged_batch(build):
-    import torch
-
+    torch = pytest.importorskip("torch")
     model, cfg, params = build()
-    n_new = 24
+    n_new = 16
     # The conversion is right before generation is compared: full-sequence logits agree.
     x = np.array([PROMPTS[0]])
     with torch.no_grad():
         ref_logits = model(torch.tensor(x)).logits.numpy()
-    np.testing.assert_allclose(nj.forward(params, jnp.asarray(x), cfg), ref_logits, atol=1e-4, rtol=1e-4)
+    logits = jax.jit(nj.forward, static_argnums=2)(params, jnp.asarray(x), cfg)  # eager: ~2 s of op compiles
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
     out = generate(params, cfg, PROMPTS, max_new_tokens=n_new)
     for prompt, got in zip(PROMPTS, out, strict=True):
@@ -125,15 +139,25 @@ TINY_LLAMA = nj.ModelConfig.preset("llama-tiny", vocab_size=97, max_seq_len=160,
 def test_every_cached_step_equals_a_full_forward(cfg, monkeypatch):
     """Per-step logits from the KV cache equal nj.forward over the same prefix, across windows."""
     monkeypatch.setattr(GEN, "MIN_WINDOW", 16)  # so 40 new tokens cross the 16/32/64 window ends
-    params = nj.init_params(cfg, jax.random.key(1))
+    params = _params(cfg, 1)
     out, logits = generate(params, cfg, PROMPTS, max_new_tokens=40, return_logits=True)
-    fwd = jax.jit(lambda p, t: nj.forward(p, t, cfg))
-    for prompt, toks, lg in zip(PROMPTS, out, logits, strict=True):
+    full = _full_logits(params, cfg, PROMPTS, out)
+    for toks, lg, ref in zip(out, logits, full, strict=True):
         assert len(toks) == 40 and lg.shape == (40, 97)
-        seq = jnp.asarray([prompt + toks])
-        full = fwd(params, seq)[0, len(prompt) - 1: -1]  # the logits that predicted each new token
-        np.testing.assert_allclose(lg, full, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(lg, ref, atol=1e-5, rtol=1e-5)
         assert toks == np.argmax(lg, -1).tolist()
+
+
+def _full_logits(params: dict, cfg: nj.ModelConfig, prompts: list[list[int]],
+                 new: list[list[int]]) -> list[np.ndarray]:
+    """Per row, the logits of one nj.forward over prompt + new tokens that predicted each new token.
+    The rows are right-padded into one batch (causal attention: the padding is unseen)."""
+    seqs = [p + t for p, t in zip(prompts, new, strict=True)]
+    width = max(map(len, seqs))
+    full = np.asarray(jax.jit(nj.forward, static_argnums=2)(
+        params, jnp.asarray([s + [0] * (width - len(s)) for s in seqs]), cfg))
+    return [full[b, len(p) - 1: len(p) - 1 + len(t)]
+            for b, (p, t) in enumerate(zip(prompts, new, strict=True))]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -148,7 +172,7 @@ def test_the_decode_loop_reads_the_cache_where_it_lies(batch):
         calls.append((shapes, window, kw))
         return real(params, cache, *args, window=window, **kw)
 
-    params = nj.init_params(TINY_LLAMA, jax.random.key(3))
+    params = _params(TINY_LLAMA, 3)
     GEN._decode = spy
     try:
         generate(params, TINY_LLAMA, PROMPTS[:batch], max_new_tokens=80)
@@ -170,7 +194,7 @@ def test_the_decode_loop_reads_the_cache_where_it_lies(batch):
 
 def test_batch_composition_does_not_change_a_row():
     """Each row has its own positions and pad mask: alone or in a ragged batch, same tokens."""
-    params = nj.init_params(TINY_LLAMA, jax.random.key(2))
+    params = _params(TINY_LLAMA, 2)
     together = generate(params, TINY_LLAMA, PROMPTS, max_new_tokens=12)
     for prompt, row in zip(PROMPTS, together, strict=True):
         assert generate(params, TINY_LLAMA, [prompt], max_new_tokens=12)[0] == row
@@ -229,7 +253,7 @@ def test_top_k_top_p_min_p_combined_stay_inside_each_rule():
 
 def test_repetition_penalty_matches_hf():
     torch = pytest.importorskip("torch")
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    processors = pytest.importorskip("transformers.generation.logits_process")
 
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(3, 40)).astype(np.float32) * 3
@@ -237,13 +261,13 @@ def test_repetition_penalty_matches_hf():
     seen = np.zeros((3, 40), bool)
     np.put_along_axis(seen, ids, True, axis=1)
     for penalty in (1.3, 0.7):
-        ref = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(ids), torch.tensor(scores)).numpy()
-        np.testing.assert_allclose(apply_repetition_penalty(jnp.asarray(scores), seen, penalty), ref,
+        ref = processors.RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor(ids), torch.tensor(scores))
+        np.testing.assert_allclose(apply_repetition_penalty(jnp.asarray(scores), seen, penalty), ref.numpy(),
                                    rtol=1e-6)
 
 
 def test_repetition_penalty_in_generate_discourages_repeats():
-    params = nj.init_params(TINY_GPT, jax.random.key(0))
+    params = _params(TINY_GPT, 0)
     plain = generate(params, TINY_GPT, [[1, 2, 3]], max_new_tokens=30)[0]
     penal = generate(params, TINY_GPT, [[1, 2, 3]], max_new_tokens=30, repetition_penalty=50.0)[0]
     assert len(set(penal)) > len(set(plain))
@@ -251,14 +275,16 @@ def test_repetition_penalty_in_generate_discourages_repeats():
 
 
 def test_seeds_reproduce_and_differ():
-    params = nj.init_params(TINY_GPT, jax.random.key(0))
-    kw = dict(max_new_tokens=20, temperature=5.0)
-    a = generate(params, TINY_GPT, PROMPTS, seed=1, **kw)
-    assert a == generate(params, TINY_GPT, PROMPTS, seed=1, **kw)
-    assert a != generate(params, TINY_GPT, PROMPTS, seed=2, **kw)
+    # The shapes and samplers of test_stream_concatenates_to_generate and, greedy, of
+    # test_batch_composition_does_not_change_a_row: the executables are compiled once per file run.
+    params = _params(TINY_LLAMA, 0)
+    kw = dict(max_new_tokens=21, temperature=5.0, top_k=20)
+    a = generate(params, TINY_LLAMA, PROMPTS, seed=1, **kw)
+    assert a == generate(params, TINY_LLAMA, PROMPTS, seed=1, **kw)
+    assert a != generate(params, TINY_LLAMA, PROMPTS, seed=2, **kw)
     # Greedy ignores the seed.
-    assert generate(params, TINY_GPT, PROMPTS, max_new_tokens=8, seed=1) == \
-        generate(params, TINY_GPT, PROMPTS, max_new_tokens=8, seed=2)
+    assert generate(params, TINY_LLAMA, PROMPTS, max_new_tokens=12, seed=1) == \
+        generate(params, TINY_LLAMA, PROMPTS, max_new_tokens=12, seed=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +292,7 @@ def test_seeds_reproduce_and_differ():
 
 
 def test_stream_concatenates_to_generate():
-    params = nj.init_params(TINY_LLAMA, jax.random.key(0))
+    params = _params(TINY_LLAMA, 0)
     kw = dict(max_new_tokens=21, temperature=1.5, top_k=20, seed=3)
     ref = generate(params, TINY_LLAMA, PROMPTS, **kw)
     chunks = list(generate_stream(params, TINY_LLAMA, PROMPTS, chunk_size=5, **kw))
@@ -277,7 +303,7 @@ def test_stream_concatenates_to_generate():
 
 
 def test_stop_tokens_end_their_row_only():
-    params = nj.init_params(TINY_GPT, jax.random.key(0))
+    params = _params(TINY_GPT, 0)
     free = generate(params, TINY_GPT, PROMPTS, max_new_tokens=20)
     stop = free[0][5]  # a token row 0 emits at step 5 (and maybe earlier)
     out = generate(params, TINY_GPT, PROMPTS, max_new_tokens=20, stop_tokens=[stop])
@@ -293,7 +319,7 @@ def test_stop_tokens_end_their_row_only():
 
 
 def test_stop_strings_cut_the_text():
-    params = nj.init_params(TINY_GPT, jax.random.key(0))
+    params = _params(TINY_GPT, 0)
     alphabet = "abcdefghij"
 
     def detok(ids):
@@ -315,31 +341,70 @@ def test_stop_strings_cut_the_text():
                     detokenize=detok)[0] == free[0][:cut]
 
 
+BPE_TEXT = "the quick brown fox jumps over the lazy dog. the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def bpe_writer() -> tuple:
+    """A byte-level BPE tokenizer trained here (whole words become tokens: " quick", " brown") and
+    a model that greedily writes BPE_TEXT whatever the prompt: token embeddings and every block
+    are zero, position p embeds as the unit vector e_p, and the head maps e_p to token p of the text."""
+    from nanojax.tokenizer import HFTokenizer
+
+    tok = HFTokenizer.train_bpe("the quick brown fox jumps over the lazy dog. " * 20, 300)
+    ids = tok.encode(BPE_TEXT)
+    cfg = nj.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=32, max_seq_len=32,
+                         norm="rmsnorm", bias=False, tie_embeddings=False)
+    params = jax.tree.map(lambda s: np.full(s.shape, float(s.init == "ones"), np.float32), param_specs(cfg),
+                          is_leaf=lambda x: isinstance(x, ParamSpec))
+    params["wpe"] = np.eye(32, dtype=np.float32)
+    params["lm_head"][np.arange(len(ids)), ids] = 1.0
+    return tok, ids, cfg, jax.tree.map(jnp.asarray, params)
+
+
+@pytest.mark.parametrize("stop", ["ck bro", "own fox jumps ov", "z"])
+def test_stop_strings_that_straddle_bpe_tokens(stop, bpe_writer):
+    """A stop string that starts inside a multi-character token (and ends inside another):
+    generate and generate_stream at every chunk size return exactly the tokens before the one it
+    starts in (the documented cut), computed here from the decoded text of a stop-free run."""
+    tok, ids, cfg, params = bpe_writer
+    prompts = [[0], [0, 0, 0]]  # row 1 starts two positions later: " brown fox jumps ..."
+    free = generate(params, cfg, prompts, max_new_tokens=12)
+    assert free == [ids[:12], ids[2:14]] and all(len(tok.decode([t])) > 1 for t in ids[:9])
+    expected = []
+    for row in free:
+        start = tok.decode(row).index(stop)
+        keep = max(n for n in range(len(row) + 1) if len(tok.decode(row[:n])) <= start)
+        assert len(tok.decode(row[:keep])) < start  # the stop string starts inside token `keep`
+        expected.append(row[:keep])
+    kw = dict(max_new_tokens=12, stop_strings=["@@", stop], detokenize=tok.decode)
+    assert generate(params, cfg, prompts, **kw) == expected
+    for chunk_size in (1, 3, 12):
+        parts = list(generate_stream(params, cfg, prompts, chunk_size=chunk_size, **kw))
+        assert [sum((c[b] for c in parts), []) for b in range(2)] == expected, chunk_size
+
+
 def test_slide_past_the_context_matches_a_cropping_reference():
+    """overflow="slide" on a ragged batch equals greedy decoding with a full forward per token in
+    which, whenever the longest row's window fills the context, every row keeps the last half of
+    its window (nanoGPT's crop, for the whole batch at once)."""
     cfg = nj.ModelConfig(vocab_size=97, n_layer=2, n_head=4, d_model=32, max_seq_len=16, init_std=0.2)
-    params = nj.init_params(cfg, jax.random.key(0))
-    prompt, n = [3, 1, 4, 1, 5], 40
+    params = _params(cfg, 0)
+    prompts, n, T = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7, 9, 3]], 40, cfg.max_seq_len
     with pytest.raises(ValueError, match="overflow='slide'"):
-        generate(params, cfg, [prompt], max_new_tokens=n)
-    got = generate(params, cfg, [prompt], max_new_tokens=n, overflow="slide")
-    # Reference: greedy with a full forward per token; when the window is full, keep its last half.
-    # (Right-padded to one shape: causal attention makes the padding invisible to the last token.)
+        generate(params, cfg, prompts, max_new_tokens=n)
+    got = generate(params, cfg, prompts, max_new_tokens=n, overflow="slide")
+    # Right-padded to one shape: causal attention makes the padding invisible to the last token.
     fwd = jax.jit(lambda p, t: nj.forward(p, t, cfg))
-    seq, start = list(prompt), 0
-    while len(seq) - len(prompt) < n:
-        if len(seq) - start >= cfg.max_seq_len:
-            start = len(seq) - cfg.max_seq_len // 2
-        window = seq[start:]
-        logits = fwd(params, jnp.asarray([window + [0] * (cfg.max_seq_len - len(window))]))
-        seq.append(int(jnp.argmax(logits[0, len(window) - 1])))
-    assert got == [seq[len(prompt):]]
-    # A ragged batch slides together (when its longest row fills the context); the tokens before
-    # the first slide are plain generation.
-    prompts = [[3, 1, 4, 1, 5], [9, 2], [6, 5, 3, 5, 8, 9, 7, 9, 3]]
-    rows = generate(params, cfg, prompts, max_new_tokens=n, overflow="slide")
-    assert [len(r) for r in rows] == [n] * 3
-    first = generate(params, cfg, prompts, max_new_tokens=cfg.max_seq_len - 9)
-    assert [r[: len(f)] for r, f in zip(rows, first, strict=True)] == first
+    windows, new = [list(p) for p in prompts], [[] for _ in prompts]
+    for _ in range(n):
+        if max(map(len, windows)) >= T:
+            windows = [w[-(T // 2):] for w in windows]
+        logits = np.asarray(fwd(params, jnp.asarray([w + [0] * (T - len(w)) for w in windows])))
+        for b, w in enumerate(windows):
+            w.append(int(np.argmax(logits[b, len(w) - 1])))
+            new[b].append(w[-1])
+    assert got == new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +438,7 @@ def test_slide_past_the_context_matches_a_cropping_reference():
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_input_is_a_clear_error_before_compiling(kwargs, match, monkeypatch):
     cfg = nj.ModelConfig(vocab_size=97, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
-    params = nj.init_params(cfg, jax.random.key(0))
+    params = _params(cfg, 0)
 
     def no_compile(*a, **k):
         raise AssertionError("compiled before validating")
@@ -398,7 +463,7 @@ def test_sample_script_streams_past_the_context(tmp_path):
 
     tok = CharTokenizer("\n !,.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
     cfg = nj.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
-    params = nj.init_params(cfg, jax.random.key(0))
+    params = _params(cfg, 0)
     (tmp_path / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
     tok.save(tmp_path)
     ckpt = Checkpointer(tmp_path / "checkpoints", save_every=1)
@@ -415,13 +480,21 @@ def test_sample_script_streams_past_the_context(tmp_path):
     assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 100
 
 
-def test_bf16_cache_and_compute():
+def test_bf16_cache_and_compute_track_the_fp32_forward():
+    """bf16 params, activations and KV cache: every cached step's logits are within bf16 rounding
+    of an fp32 full forward with the same bf16-valued weights (RMS error < 2.2% of the logits' RMS;
+    measured 1.2-1.5%). A K or V cache rounded through fp8 (3.1-4.4%) or decode positions off by
+    one (17-56%) fail."""
     cfg = TINY_LLAMA.replace(dtype="bfloat16", param_dtype="bfloat16")
-    params = nj.init_params(cfg, jax.random.key(1))
-    out, logits = generate(params, cfg, PROMPTS[:2], max_new_tokens=6, return_logits=True)
-    for prompt, toks, lg in zip(PROMPTS[:2], out, logits, strict=True):
-        full = nj.forward(params, jnp.asarray([prompt + toks]), cfg)[0, len(prompt) - 1: -1]
-        np.testing.assert_allclose(lg, full, atol=0.1)
+    params = _params(cfg, 1)
+    out, logits = generate(params, cfg, PROMPTS[:2], max_new_tokens=12, return_logits=True)
+    params32 = jax.tree.map(lambda a: np.asarray(a, np.float32), params)  # exactly the bf16 values
+    full = _full_logits(params32, TINY_LLAMA, PROMPTS[:2], out)
+    for toks, lg, ref in zip(out, logits, full, strict=True):
+        assert toks == np.argmax(lg, -1).tolist()
+        rms_err, rms = np.sqrt(np.mean((lg - ref) ** 2)), np.sqrt(np.mean(ref**2))
+        assert rms_err < 0.022 * rms, (rms_err, rms)
+        assert np.abs(lg - ref).max() < 0.25
 
 
 def test_sample_script_from_an_hf_dir(tmp_path):

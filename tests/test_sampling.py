@@ -1,0 +1,159 @@
+"""Sampler distributions against an outside oracle.
+
+Token frequencies from many seeded draws (one compiled call per sampler, the rows tiled) are
+compared with softmax(logits / T) after HF's top-k, top-p and min-p warpers, written here in numpy
+(and pinned to transformers' own warpers when torch is installed). The bound is on total variation
+(TV): with N draws over V tokens its sampling noise is at most about 0.5 * sqrt(2 V / (pi N)).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nanojax as nj
+from nanojax.model import ParamSpec, param_specs
+from nanojax.sampling import sample_tokens
+
+V = 12
+N_DRAWS = 50_000  # per row: TV noise <= ~0.007 here (measured), TOL ~3x that; broken samplers >= 3 x TOL
+TOL = 0.02
+_P = np.log([0.3, 0.2, 0.14, 0.1, 0.07, 0.055, 0.045, 0.03, 0.02, 0.015, 0.01, 0.005])
+_RNG = np.random.default_rng(0)
+# Three rows, not sorted by id (so a sampler that forgets to map sorted candidates back to ids is
+# caught): medium, flat (x 0.6) and peaky (x 1.5) versions of one profile.
+ROWS = np.stack([_P[_RNG.permutation(V)], 0.6 * _P[_RNG.permutation(V)], 1.5 * _P[_RNG.permutation(V)]])
+
+SAMPLERS = [
+    dict(temperature=1.0),
+    dict(temperature=0.5),
+    dict(temperature=2.0),
+    dict(temperature=0.8, top_k=4),
+    dict(temperature=0.7, top_p=0.8),
+    dict(temperature=1.3, min_p=0.3),
+    dict(temperature=0.8, top_k=8, top_p=0.9, min_p=0.1),
+]
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _reference(logits: np.ndarray, temperature: float, top_k: int | None = None, top_p: float | None = None,
+               min_p: float | None = None) -> np.ndarray:
+    """HF's warpers in numpy, each on the previous one's output: TemperatureLogitsWarper, then
+    TopK (the k largest), TopP (a token stays while the mass strictly above it is < top_p) and
+    MinP (a token stays when its probability is >= min_p x the best one's). Returns probs (R, V)."""
+    x = np.asarray(logits, np.float64) / temperature
+    if top_k is not None:
+        kth = -np.sort(-x, axis=-1)[:, top_k - 1: top_k]
+        x = np.where(x < kth, -np.inf, x)
+    if top_p is not None:
+        p = _softmax(x)
+        order = np.argsort(-x, axis=-1, kind="stable")
+        sorted_p = np.take_along_axis(p, order, -1)
+        drop = np.zeros(x.shape, bool)
+        np.put_along_axis(drop, order, np.cumsum(sorted_p, -1) - sorted_p >= top_p, -1)
+        x = np.where(drop, -np.inf, x)
+    if min_p is not None:
+        p = _softmax(x)
+        x = np.where(p < min_p * p.max(-1, keepdims=True), -np.inf, x)
+    return _softmax(x)
+
+
+def _tv(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return 0.5 * np.abs(p - q).sum(-1)
+
+
+def _frequencies(tokens: np.ndarray, rows: int, n: int) -> np.ndarray:
+    """tokens (n * rows,) from rows tiled n times -> per-row token frequencies (rows, V)."""
+    t = np.asarray(tokens).reshape(n, rows)
+    return np.stack([np.bincount(t[:, r], minlength=V) for r in range(rows)]) / n
+
+
+def test_the_numpy_reference_is_hfs_warpers():
+    """_reference equals transformers' Temperature/TopK/TopP/MinP warpers applied in HF's order."""
+    torch = pytest.importorskip("torch")
+    lp = pytest.importorskip("transformers.generation.logits_process")
+    logits = np.random.default_rng(1).normal(size=(64, V)) * 2
+    for kw in SAMPLERS + [dict(temperature=1.1, top_p=0.5), dict(temperature=0.9, min_p=0.05)]:
+        warpers = [lp.TemperatureLogitsWarper(kw["temperature"])]
+        if "top_k" in kw:
+            warpers.append(lp.TopKLogitsWarper(kw["top_k"]))
+        if "top_p" in kw:
+            warpers.append(lp.TopPLogitsWarper(kw["top_p"]))
+        if "min_p" in kw:
+            warpers.append(lp.MinPLogitsWarper(kw["min_p"]))
+        scores = torch.tensor(logits)
+        for w in warpers:
+            scores = w(None, scores)
+        np.testing.assert_allclose(_reference(logits, **kw), torch.softmax(scores, -1).numpy(), atol=1e-9,
+                                   err_msg=str(kw))
+
+
+@pytest.mark.parametrize("kw", SAMPLERS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_the_reference_tells_broken_samplers_apart(kw):
+    """The rows are chosen so each broken sampler is >= 3 x TOL away (TV) from the right one, or
+    draws a token the right one never draws (or never draws one it draws ~1000 times)."""
+    ref = _reference(ROWS, **kw)
+    kept = ref > 0
+    assert np.all(_tv(ref, kept / kept.sum(-1, keepdims=True)) >= 3 * TOL)  # uniform among the kept
+    if len(kw) == 1 and kw["temperature"] != 1.0:
+        assert np.all(_tv(ref, _reference(ROWS, 1.0)) >= 3 * TOL)  # temperature ignored
+    if len(kw) > 1:  # the boundary tokens of the kept set are likely enough to show up
+        tempered = _softmax(ROWS / kw["temperature"])
+        assert np.all(np.where(kept, ref, 1).min(-1) >= 0.02)  # least likely kept token
+        assert np.all(np.where(kept, 0, tempered).max(-1) >= 0.02)  # most likely dropped token
+
+
+@pytest.mark.parametrize("kw", SAMPLERS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_sample_tokens_frequencies_match_the_reference(kw):
+    """N_DRAWS draws per row from sample_tokens: exactly the reference's kept tokens are drawn
+    (every one with p >= 1e-3, ~50 expected draws, appears), and the frequencies are within TOL
+    (TV) of the reference distribution."""
+    key = jax.random.key(sum(map(ord, str(kw))))
+    tiled = jnp.asarray(np.tile(ROWS, (N_DRAWS, 1)), jnp.float32)  # one call: row i draws for ROWS[i % 3]
+    freq = _frequencies(sample_tokens(tiled, key, **kw), len(ROWS), N_DRAWS)
+    ref = _reference(ROWS, **kw)
+    for r in range(len(ROWS)):
+        drawn = set(np.flatnonzero(freq[r]).tolist())
+        assert drawn <= set(np.flatnonzero(ref[r]).tolist()), (r, freq[r], ref[r])
+        assert drawn >= set(np.flatnonzero(ref[r] >= 1e-3).tolist()), (r, freq[r], ref[r])
+    tv = _tv(freq, ref)
+    assert np.all(tv < TOL), (tv, freq.round(3), ref.round(3))
+
+
+def _params(cfg: nj.ModelConfig, seed: int) -> dict:
+    """Random params with init_params' structure and scales, from numpy (init_params' jax.random
+    compiles for each new shape, seconds per config)."""
+    rng = np.random.default_rng(seed)
+
+    def make(s: ParamSpec) -> jax.Array:
+        x = rng.normal(0.0, s.std, s.shape) if s.init == "normal" else np.full(s.shape, s.init == "ones")
+        return jnp.asarray(x.astype(cfg.weight_dtype))  # cast on the host: nothing to compile
+
+    return jax.tree.map(make, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def test_generate_first_token_frequencies_match_the_reference():
+    """nj.generate end to end: the first sampled token of 10,000 copies of each of two ragged
+    prompts (one batch, one seed) follows the reference applied to nj.forward's fp32 logits."""
+    cfg = nj.ModelConfig(vocab_size=16, n_layer=1, n_head=2, d_model=16, max_seq_len=16, init_std=0.3)
+    params = _params(cfg, 0)
+    prompts, n = [[3, 1, 4], [1, 5, 9, 2, 6]], 10_000
+    kw = dict(temperature=0.6, top_p=0.9)
+    out = nj.generate(params, cfg, prompts * n, max_new_tokens=1, seed=7, **kw)
+    toks = np.array([o[0] for o in out])
+    counts = np.stack([np.bincount(toks[r::2], minlength=16) for r in range(2)]) / n
+    padded = jnp.asarray([p + [0] * (5 - len(p)) for p in prompts])  # causal: the padding is unseen
+    logits = np.asarray(jax.jit(nj.forward, static_argnums=2)(params, padded, cfg))[[0, 1], [2, 4]]
+    ref = _reference(logits, **kw)
+    # The test can tell: ignoring the temperature moves the distribution far away, and ignoring
+    # top_p draws tokens the reference drops (p > 0.01 each: ~100 draws).
+    assert np.all(_tv(ref, _reference(logits, 1.0, top_p=0.9)) > 0.2)
+    assert np.all(np.where(ref == 0, _reference(logits, 0.6), 0).max(-1) > 0.01)
+    for r in range(2):
+        assert set(np.flatnonzero(counts[r]).tolist()) <= set(np.flatnonzero(ref[r]).tolist())
+    tv = _tv(counts, ref)  # noise ~0.01 at V=16, n=10,000
+    assert np.all(tv < 0.04), (tv, counts.round(3), ref.round(3))
