@@ -12,10 +12,12 @@ NO_DECAY_TOP = ("wte", "wpe")  # embeddings: decaying them hurts rare tokens (an
 
 def decay_mask(params: Any) -> Any:
     """True for matrices that get weight decay: every >=2-D weight except the embeddings.
-    Norm scales and biases (1-D) are never decayed."""
+    Norm scales and biases are never decayed, the q/k/v biases (heads, head_dim) included."""
 
     def keep(path, x) -> bool:
         top = getattr(path[0], "key", None)
+        if str(getattr(path[-1], "key", "")).startswith("b"):  # bias, bq, bo, b_in, ...: a bias
+            return False
         return x.ndim >= 2 and top not in NO_DECAY_TOP
 
     return jax.tree_util.tree_map_with_path(keep, params)

@@ -1,0 +1,157 @@
+"""The optimizer: make_optimizer against optax.adamw with a decay mask written out here and against
+AdamW written out in numpy; which leaves decay; the learning-rate schedule."""
+
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import nanojax as nj
+from nanojax.model import param_shapes
+from nanojax.optim import decay_mask, lr_schedule, make_optimizer
+
+# GPT-2 with every bias (q/k/v biases are 2-D: (heads, head_dim)), tied head, learned positions;
+# Llama with q/k/v biases (Qwen2-style) and an untied head.
+GPT2 = nj.ModelConfig.preset("gpt2-small", vocab_size=32, n_layer=1, n_head=2, d_model=16, max_seq_len=8,
+                             bias=True)
+LLAMA = nj.ModelConfig.preset("llama-tiny", vocab_size=32, n_layer=1, n_head=4, n_kv_head=2, d_model=16,
+                              d_ff=24, max_seq_len=8, qkv_bias=True)
+
+# optim.py's rule (minGPT's, and nanoGPT's before it decayed every 2-D tensor): the matmul weights
+# decay; the embeddings (wte, the tied head too, and wpe), norm scales and every bias, the 2-D
+# q/k/v biases included, do not.
+GPT2_DECAYS = {
+    "wte": False, "wpe": False, "ln_f/scale": False, "ln_f/bias": False,
+    "layers/0/ln1/scale": False, "layers/0/ln1/bias": False,
+    "layers/0/ln2/scale": False, "layers/0/ln2/bias": False,
+    "layers/0/attn/wq": True, "layers/0/attn/wk": True, "layers/0/attn/wv": True, "layers/0/attn/wo": True,
+    "layers/0/attn/bq": False, "layers/0/attn/bk": False, "layers/0/attn/bv": False,
+    "layers/0/attn/bo": False, "layers/0/mlp/w_in": True, "layers/0/mlp/w_out": True,
+    "layers/0/mlp/b_in": False, "layers/0/mlp/b_out": False,
+}
+LLAMA_DECAYS = {
+    "wte": False, "lm_head": True, "ln_f/scale": False,
+    "layers/0/ln1/scale": False, "layers/0/ln2/scale": False,
+    "layers/0/attn/wq": True, "layers/0/attn/wk": True, "layers/0/attn/wv": True, "layers/0/attn/wo": True,
+    "layers/0/attn/bq": False, "layers/0/attn/bk": False, "layers/0/attn/bv": False,
+    "layers/0/mlp/w_gate": True, "layers/0/mlp/w_up": True, "layers/0/mlp/w_down": True,
+}
+
+
+def by_name(tree):
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def random_tree(cfg, seed, scale=0.1):
+    """A params-shaped tree of random fp32 values (numpy: no init to compile)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32),
+                        param_shapes(cfg))
+
+
+def mask_from(table, params):
+    """The decay mask as a tree built from `table`, not from optim.py."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: table[jax.tree_util.keystr(path, simple=True, separator="/")], params)
+
+
+@pytest.mark.parametrize("cfg, table", [(GPT2, GPT2_DECAYS), (LLAMA, LLAMA_DECAYS)], ids=["gpt2", "llama"])
+def test_decay_mask_decays_the_matmul_weights_only(cfg, table):
+    assert by_name(decay_mask(param_shapes(cfg))) == table
+    assert by_name(decay_mask(random_tree(cfg, 0))) == table
+
+
+def _grads(cfg, n_steps):
+    """Random gradients, every other step 1000x larger, so clipping at 1 acts on some steps only."""
+    return [random_tree(cfg, 100 + i, 1e-2 if i % 2 else 10.0) for i in range(n_steps)]
+
+
+def _run(opt, params, grads):
+    """The params after each of len(grads) updates (one compiled step)."""
+
+    @jax.jit
+    def step(params, state, g):
+        updates, state = opt.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = jax.jit(opt.init)(params)
+    trail = []
+    for g in grads:
+        params, state = step(params, state, g)
+        trail.append(params)
+    return trail
+
+
+HYPER = {"weight_decay": 0.1, "b1": 0.9, "b2": 0.95, "eps": 1e-8}
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.0], ids=["clip1", "noclip"])
+def test_make_optimizer_equals_optax_adamw_with_the_mask_written_out(clip):
+    """Six steps on the GPT-2 tree, the rate warming up then decaying: bit for bit the params of
+    clip_by_global_norm(clip) (none at 0) + optax.adamw with GPT2_DECAYS as its mask."""
+    params = random_tree(GPT2, 0)
+    schedule = lr_schedule(1e-2, 2, 6, 1e-3)
+    ours = make_optimizer(schedule, grad_clip=clip, **HYPER)
+    chain = [optax.clip_by_global_norm(clip)] if clip else []
+    ref = optax.chain(*chain, optax.adamw(schedule, mask=mask_from(GPT2_DECAYS, params), **HYPER))
+    grads = _grads(GPT2, 6)
+    for got, want in zip(_run(ours, params, grads), _run(ref, params, grads), strict=True):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_make_optimizer_equals_adamw_written_out_in_numpy():
+    """Clip to global norm 1, Adam with bias correction, decoupled decay lr * wd * p on the masked
+    leaves, at the warmup-cosine rate of the step (Loshchilov & Hutter 2019, algorithm 2)."""
+    lr, warmup, total, min_lr, clip = 1e-2, 2, 6, 1e-3, 1.0
+    wd, b1, b2, eps = HYPER["weight_decay"], HYPER["b1"], HYPER["b2"], HYPER["eps"]
+    params = random_tree(LLAMA, 0)
+    grads = _grads(LLAMA, total)
+    opt = make_optimizer(lr_schedule(lr, warmup, total, min_lr), grad_clip=clip, **HYPER)
+    trail = _run(opt, params, grads)
+
+    def rate(t):  # t = 0, 1, ...: the step's count before the update
+        if t < warmup:
+            return lr * t / warmup
+        return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+
+    p = {k: np.asarray(v, np.float64) for k, v in by_name(params).items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, (g_tree, got) in enumerate(zip(grads, trail, strict=True)):
+        g = {k: np.asarray(x, np.float64) for k, x in by_name(g_tree).items()}
+        norm = math.sqrt(sum((x * x).sum() for x in g.values()))
+        g = {k: x * min(1.0, clip / norm) for k, x in g.items()}
+        for k in p:
+            m[k] = b1 * m[k] + (1 - b1) * g[k]
+            v[k] = b2 * v[k] + (1 - b2) * g[k] ** 2
+            step = (m[k] / (1 - b1 ** (t + 1))) / (np.sqrt(v[k] / (1 - b2 ** (t + 1))) + eps)
+            p[k] = p[k] - rate(t) * (step + (wd * p[k] if LLAMA_DECAYS[k] else 0.0))
+        for k, x in by_name(got).items():
+            np.testing.assert_allclose(x, p[k], rtol=2e-5, atol=1e-7, err_msg=f"step {t + 1}, {k}")
+
+
+def test_with_zero_gradients_only_the_decayed_leaves_shrink():
+    """A step with zero gradients moves nothing but the decay: the masked leaves become
+    (1 - lr * wd) times themselves, the others stay bit for bit."""
+    lr, wd = 0.1, 0.5
+    params = random_tree(LLAMA, 0)
+    zeros = jax.tree.map(np.zeros_like, params)
+    new = by_name(_run(make_optimizer(lr, weight_decay=wd), params, [zeros])[0])
+    for k, x in by_name(params).items():
+        if LLAMA_DECAYS[k]:
+            np.testing.assert_allclose(new[k], (1 - lr * wd) * x, rtol=1e-6, err_msg=k)
+        else:
+            np.testing.assert_array_equal(new[k], x, err_msg=k)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
+    s = lr_schedule(1.0, 10, 110, 0.1)
+    got = [float(s(t)) for t in (0, 5, 10, 60, 110, 200)]
+    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.1 + 0.9 * 0.5, 0.1, 0.1], rtol=1e-6, atol=1e-7)
+    # Warmup longer than the run: a linear ramp over the whole run, never past the peak.
+    short = lr_schedule(1.0, 100, 20, 0.1)
+    ramp = [float(short(t)) for t in range(21)]
+    assert ramp == sorted(ramp) and max(ramp) <= 1.0 and ramp[10] == pytest.approx(0.5)
