@@ -43,12 +43,17 @@ flags.DEFINE_bool("compile", False, "Also time torch.compile'd PyTorch.")
 flags.DEFINE_bool("torch", True, "Time PyTorch at all (--notorch: nanojax only).")
 flags.DEFINE_integer("threads", 0, "torch threads (0: the machine's cores).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "nanojax compute dtype.")
+flags.DEFINE_integer("vocab_size", 0, "Model vocabulary (0: the preset's; e.g. 50304, GPT-2's padded "
+                     "to a multiple of 64 as nanoGPT does).")
+flags.DEFINE_string("profile_dir", "", "Also trace 3 nanojax steps per shape into this folder and "
+                    "print where their time went by XLA op.")
 FLAGS = flags.FLAGS
 
 
-def nanojax_stepper(preset, B, T, dtype):
+def nanojax_stepper(preset, B, T, dtype, vocab_size=0):
     # HF GPT-2 has biases; params stay fp32 (the master copy) whatever the compute dtype.
-    config = default_config(preset, bias=True, dropout=0.0, max_seq_len=T, dtype=dtype)
+    extra = {"vocab_size": vocab_size} if vocab_size else {}
+    config = default_config(preset, bias=True, dropout=0.0, max_seq_len=T, dtype=dtype, **extra)
     config.update(batch_size=B, max_steps=10_000, warmup_steps=10)
     cfg = model_config_from(config)
     run = build(config, cfg)
@@ -100,6 +105,21 @@ def time_round(step, batches, sync):
     return (time.perf_counter() - t0) / len(batches)
 
 
+def profile(name, step, sync, batches):
+    """Traces a few nanojax steps and prints the top XLA ops by time a step."""
+    from nanojax.metrics import trace_op_times
+
+    out = Path(FLAGS.profile_dir) / name
+    jax.profiler.start_trace(str(out))
+    time_round(step, batches, sync)
+    jax.profiler.stop_trace()
+    ops, _ = trace_op_times(out)
+    total = sum(o.seconds for o in ops)
+    print(f"[{name}] profile of {len(batches)} steps in {out}: top XLA ops, ms/step (share)")
+    for o in ops[:15]:
+        print(f"    {o.seconds / len(batches) * 1e3:9.2f} ms  {o.seconds / total:6.1%}  {o.name}")
+
+
 def main(argv):
     del argv
     import os
@@ -111,7 +131,7 @@ def main(argv):
     for name in FLAGS.shapes:
         preset, B, T = SHAPES[name]
         steps = FLAGS.steps or (3 if name == "gpt2" else 40)
-        cfg, nj_step, nj_sync = nanojax_stepper(preset, B, T, FLAGS.dtype)
+        cfg, nj_step, nj_sync = nanojax_stepper(preset, B, T, FLAGS.dtype, FLAGS.vocab_size)
         rng = np.random.default_rng(0)
         data = [(rng.integers(0, cfg.vocab_size, (B, T)).astype(np.int32),) * 1 for _ in range(steps)]
         np_batches = [(x, np.roll(x, -1, axis=1)) for (x,) in data]
@@ -149,6 +169,8 @@ def main(argv):
         print(f"[{name}] nanojax {mflops / 1e9:.1f} GFLOP/s (6N + attention){peak}; MFU "
               f"{'unknown for ' + device.device_kind if util is None else f'{util:.1%}'} "
               f"({FLAGS.dtype}, {device.device_kind})", flush=True)
+        if FLAGS.profile_dir:
+            profile(name, nj_step, nj_sync, sides["nanojax"][2][:3])
     print("\n| shape | batch x ctx | impl | ms/step | tokens/s | nanojax speed-up |")
     print("|---|---|---|---:|---:|---:|")
     for name, bt, impl, ms, tps, ratio in rows:
