@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -95,6 +96,31 @@ def memory_stats(device: Any = None) -> dict[str, float]:
     return out
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replaces the file at `path` with `text` all at once, so that a kill or a crash at any
+    moment leaves either the old file or the new one, never a truncated mix: the text goes to a
+    temporary file beside it, is flushed to disk, and is renamed over it (os.replace is atomic
+    on POSIX filesystems); then the directory is synced so that the rename itself survives a
+    power cut. A writer killed mid-write leaves a hidden `.NAME.PID.tmp` beside it, never read."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(): the usual umask'd mode
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: persist the directory entry too
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 class MetricsWriter:
     """Appends one JSON object per line to workdir/metrics.jsonl."""
 
@@ -105,15 +131,19 @@ class MetricsWriter:
 
     def _truncate_after(self, step: int) -> None:
         # Lines past the restored step came from a run that died before its next checkpoint;
-        # the resumed run recomputes those steps, so drop them to keep one line per step.
+        # the resumed run recomputes those steps, so drop them to keep one line per step. The
+        # rewrite is atomic: a kill during it must not lose the history before `step`.
+        text = self.path.read_text()
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in text.splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
             except json.JSONDecodeError:  # a line cut short by a crash
                 continue
-        self.path.write_text("".join(k + "\n" for k in kept))
+        new = "".join(k + "\n" for k in kept)
+        if new != text:
+            write_atomic(self.path, new)
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

@@ -27,7 +27,7 @@ from nanojax import data as data_lib
 from nanojax import sharding as shd
 from nanojax.checkpoint import Checkpointer
 from nanojax.config import ModelConfig
-from nanojax.metrics import MetricsWriter, memory_stats, mfu
+from nanojax.metrics import MetricsWriter, memory_stats, mfu, write_atomic
 from nanojax.model import Params, forward, init_params, param_shapes
 from nanojax.optim import lr_schedule, make_optimizer
 from nanojax.tokenizer import load_tokenizer
@@ -280,6 +280,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
 
     Raises NonFiniteLossError on a NaN/inf loss, keeping the last good checkpoint; returns with
     summary["interrupted"] = signal number after a SIGINT/SIGTERM, having saved a checkpoint.
+    Resumes from the newest checkpoint that verifies against its checksums: damaged newer ones
+    are moved aside, each reported in one warning line and in summary["skipped_checkpoints"];
+    raises CorruptCheckpointError when every checkpoint is damaged.
     """
     workdir = Path(workdir).absolute()
     meta = data_lib.load_meta(config.data_dir)
@@ -303,20 +306,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpointer(workdir / "checkpoints", save_every=config.ckpt_every,
                         keep=config.get("keep_checkpoints", 2))
-    latest = ckpt.latest_step()
-    start = latest or 0
     params, opt_state = run.init_fn(jax.random.key(config.seed))
-    if latest == 0:
-        # Step 0 holds imported weights (scripts/convert.py --hf_dir): fine-tune them with a
-        # fresh optimizer state.
-        params = ckpt.restore(0, params)["params"]
-    elif latest:
-        restored = ckpt.restore(start, params, opt_state)
-        params, opt_state = restored["params"], restored["opt_state"]
+    # The newest step that restores and matches its checksums; a damaged newer one is reported
+    # in one line and moved aside (checkpoint.py). Step 0 holds imported weights (scripts/
+    # convert.py --hf_dir): it gives params only, fine-tuned with a fresh optimizer state.
+    restored = ckpt.restore_newest(params, opt_state)
+    start = restored.step if restored else 0
+    if restored:
+        params = restored.params
+        if restored.opt_state is not None:
+            opt_state = restored.opt_state
 
     is_main = jax.process_index() == 0
-    if is_main:
-        (workdir / CONFIG_FILE).write_text(json.dumps(
+    if is_main:  # atomically: a kill mid-write must not leave a resumable run without its config
+        write_atomic(workdir / CONFIG_FILE, json.dumps(
             {"model": cfg.to_dict(), "train": config.to_dict()}, indent=2, default=str))
         load_tokenizer(config.data_dir).save(workdir)
     writer = MetricsWriter(workdir / "metrics.jsonl", resume_step=start) if is_main else None
@@ -340,7 +343,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
 
         bar = tqdm(total=config.max_steps, initial=start, desc="train", dynamic_ncols=True)
 
-    summary: dict[str, Any] = {"start_step": start, "interrupted": None}
+    summary: dict[str, Any] = {"start_step": start, "interrupted": None,
+                               "skipped_checkpoints": restored.skipped if restored else []}
     smooth: dict[str, float | None] = {"tps": None}  # the progress bar's moving average
     last_train_loss = math.nan
     pending = None  # (step, metrics) of the step in flight: fetched after the next is dispatched
