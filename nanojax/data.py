@@ -12,31 +12,68 @@ from pathlib import Path
 
 import numpy as np
 
+from nanojax.outdir import replace_dir
 from nanojax.tokenizer import Tokenizer
 
 META = "meta.json"
+MIN_TOKENS = 100  # fewer cannot give both a train and a val split anything to hold
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def prepare(text: str, tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.1) -> dict:
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a file, refusing (with the byte offset) what is not UTF-8 text."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist or is not a file.")
+    raw = path.read_bytes()
+    fix = "Give a plain UTF-8 text file (convert with e.g. `iconv -t UTF-8`)."
+    try:
+        text, bad = raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        text, bad = "", e
+    nul = raw.find(b"\0")  # valid UTF-8, but no text file holds one: binary, or UTF-16
+    if nul >= 0 and (bad is None or nul < bad.start):
+        raise ValueError(f"{path} holds a NUL byte at offset {nul}: it is binary (or UTF-16) data, "
+                         f"not UTF-8 text. {fix}")
+    if bad is not None:
+        raise ValueError(f"{path} is not UTF-8 text: byte 0x{raw[bad.start]:02x} at offset {bad.start} "
+                         f"is {bad.reason}. {fix}")
+    return text
+
+
+def prepare(text: str, tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.1, *,
+            overwrite: bool = False, keep: tuple[str, ...] = (), min_tokens: int = MIN_TOKENS) -> dict:
     """Tokenizes `text`, splits the first (1 - val_fraction) into train and the rest into val,
-    and writes train.bin, val.bin, meta.json and the tokenizer to out_dir."""
+    and writes train.bin, val.bin, meta.json and the tokenizer to out_dir.
+
+    out_dir must be absent or empty unless `overwrite`; then it is replaced whole once the new
+    files are written (nanojax.outdir). keep: names of input files in out_dir (a downloaded
+    input.txt) that are neither refused nor removed. Text of fewer than `min_tokens` tokens, or
+    with a vocabulary of one token, is refused: nothing can be learnt from it.
+    """
     if not text:
         raise ValueError("the input text is empty; give a file with some text in it.")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer.vocab_size < 2:
+        raise ValueError(
+            f"the text gives a vocabulary of {tokenizer.vocab_size} token ({tokenizer.kind} "
+            f"tokenizer; the text repeats {text[:1]!r}): there is nothing to predict. Give real text.")
     ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    dtype = token_dtype(tokenizer.vocab_size)
     n = len(ids)
     split = int(n * (1.0 - val_fraction))
-    for name, part in (("train", ids[:split]), ("val", ids[split:])):
-        part.astype(dtype).tofile(out / f"{name}.bin")
-    tokenizer.save(out)
+    if n < min_tokens:
+        raise ValueError(
+            f"the text is only {n} tokens long; at least {min_tokens} are needed for a train and a "
+            "val split. Give a longer text.")
+    if split < 2 or n - split < 2:
+        raise ValueError(
+            f"val_fraction={val_fraction} splits {n} tokens into {split} train and {n - split} val; "
+            "each needs at least 2. Choose a val_fraction nearer 0.1, or give a longer text.")
+    dtype = token_dtype(tokenizer.vocab_size)
     meta = {
         "vocab_size": tokenizer.vocab_size,
         "dtype": dtype.name,
@@ -44,7 +81,11 @@ def prepare(text: str, tokenizer: Tokenizer, out_dir: str | Path, val_fraction: 
         "train_tokens": split,
         "val_tokens": n - split,
     }
-    (out / META).write_text(json.dumps(meta, indent=2))
+    with replace_dir(out_dir, overwrite=overwrite, keep=keep) as out:
+        for name, part in (("train", ids[:split]), ("val", ids[split:])):
+            part.astype(dtype).tofile(out / f"{name}.bin")
+        tokenizer.save(out)
+        (out / META).write_text(json.dumps(meta, indent=2))
     return meta
 
 

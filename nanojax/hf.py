@@ -46,6 +46,7 @@ import numpy as np
 
 from nanojax.config import DTYPES, ModelConfig
 from nanojax.model import Params, ParamSpec, param_specs
+from nanojax.outdir import check_target, replace_dir
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 _MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
@@ -410,7 +411,10 @@ class _SafetensorsReader:
             files = {single}
             self.where: dict[str, Path] = {}
         elif index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise HFFormatError(f"{index} has no \"weight_map\" object (tensor name -> shard "
+                                    "file); the index is damaged. Download or save the model again.")
             self.where = {k: directory / f for k, f in weight_map.items()}
             files = set(self.where.values())
             missing = sorted(str(f.name) for f in files if not f.exists())
@@ -430,7 +434,15 @@ class _SafetensorsReader:
             )
         from safetensors import safe_open
 
-        self._handles = {f: safe_open(str(f), framework="numpy") for f in files}
+        self._handles = {}
+        for f in sorted(files):
+            try:
+                self._handles[f] = safe_open(str(f), framework="numpy")
+            except Exception as e:  # SafetensorError names no file
+                raise HFFormatError(
+                    f"{f} is not a readable safetensors file ({e}; {f.stat().st_size:,} bytes): it is "
+                    "truncated or damaged, e.g. by an interrupted download. Download or save it again."
+                ) from None
         if not self.where:
             self.where = {k: single for k in self._handles[single].keys()}
         self._headers: dict[Path, tuple[int, dict]] = {}
@@ -472,7 +484,22 @@ def _read_hf_config(path: Path_) -> dict[str, Any]:
             f"{cfg_path} not found: {path} is not a Hugging Face model directory (it needs config.json "
             "next to model.safetensors). Save the model with transformers' save_pretrained()."
         )
-    return json.loads(cfg_path.read_text())
+    return _read_json(cfg_path)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; a malformed file is named with the line and column."""
+    try:
+        out = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise HFFormatError(f"{path} is not UTF-8 text (byte offset {e.start}); expected JSON.") from None
+    except json.JSONDecodeError as e:
+        raise HFFormatError(
+            f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. The file is "
+            "damaged or truncated; download or save the model again.") from None
+    if not isinstance(out, dict):
+        raise HFFormatError(f"{path} holds a JSON {type(out).__name__}; expected an object {{...}}.")
+    return out
 
 
 def load_hf(path: Path_, dtype: str | None = None) -> tuple[ModelConfig, Params]:
@@ -550,7 +577,8 @@ def _iter_leaves(params: Params) -> Iterator[tuple[PathT, Any]]:
         yield _path(kp), x
 
 
-def save_hf(params: Params, cfg: ModelConfig, path: Path_, tokenizer: Any = None) -> Path:
+def save_hf(params: Params, cfg: ModelConfig, path: Path_, tokenizer: Any = None, *,
+            overwrite: bool = False) -> Path:
     """Writes `params` as a Hugging Face model directory that transformers loads with the same logits.
 
     Files: model.safetensors (tensors in `cfg.param_dtype`), config.json (GPT2LMHeadModel for the
@@ -559,17 +587,16 @@ def save_hf(params: Params, cfg: ModelConfig, path: Path_, tokenizer: Any = None
     (written as a character-level WordLevel tokenizer.json), or a path to a tokenizer.json or a
     directory holding one. A tied head is not written (transformers ties it on load). Biases HF
     needs but `cfg` lacks (e.g. GPT-2 with bias=False) are written as zeros, which is exact.
+
+    `path` must be absent or empty unless `overwrite`; then it is replaced whole (nothing of the
+    old directory, e.g. a generation_config.json, survives) once the new files are complete.
     Returns the directory.
     """
     from safetensors.numpy import save_file
 
     arch = _arch_for(cfg)
-    out = Path(path)
-    if out.exists() and (out / "model.safetensors.index.json").exists():
-        raise FileExistsError(
-            f"{out} already holds a sharded checkpoint (model.safetensors.index.json); writing "
-            "model.safetensors next to it would be ambiguous. Choose a new or empty directory."
-        )
+    target = Path(path)
+    check_target(target, overwrite=overwrite)  # refuse before converting any tensor
     specs = _flat_specs(cfg)
     given = dict(_iter_leaves(params))
     missing, extra = sorted(set(specs) - set(given), key=str), sorted(set(given) - set(specs), key=str)
@@ -588,15 +615,15 @@ def save_hf(params: Params, cfg: ModelConfig, path: Path_, tokenizer: Any = None
         xs = [np.asarray(jax.device_get(given[p])) if p in given else np.zeros(s, dt)
               for p, s in zip(e.paths, e.nj_shapes, strict=True)]
         tensors[e.name] = np.ascontiguousarray(e.to_hf(xs), dtype=dt)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_cfg = _config_to_hf(cfg, arch, cfg.param_dtype)
-    if tokenizer is not None:
-        eos = _copy_tokenizer(tokenizer, out)
-        if eos is not None:
-            hf_cfg.update(bos_token_id=eos, eos_token_id=eos)
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    return out
+    with replace_dir(target, overwrite=overwrite) as out:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        hf_cfg = _config_to_hf(cfg, arch, cfg.param_dtype)
+        if tokenizer is not None:
+            eos = _copy_tokenizer(tokenizer, out)
+            if eos is not None:
+                hf_cfg.update(bos_token_id=eos, eos_token_id=eos)
+        (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    return target
 
 
 def _fmt(p: PathT) -> str:
@@ -652,22 +679,23 @@ IMPORTED_OPT_STATE = {"imported_from_hf": np.zeros((), np.int32)}
 
 
 def hf_to_workdir(hf_dir: Path_, workdir: Path_, dtype: str | None = None,
-                  tokenizer: Path_ | None = None) -> Path:
+                  tokenizer: Path_ | None = None, *, overwrite: bool = False) -> Path:
     """Imports an HF model directory as a nanojax workdir that `nj.load_checkpoint` reads.
 
     Writes config.json ({"model": cfg.to_dict(), "train": {}}), tokenizer.json (from `tokenizer`
     or hf_dir) and an orbax checkpoint at step 0 holding the params and IMPORTED_OPT_STATE (a
-    placeholder: there is no optimizer state to import). Refuses a workdir that already holds a
-    run, and an HF dir without tokenizer.json (load_checkpoint needs one).
+    placeholder: there is no optimizer state to import). Refuses a workdir that is not empty
+    unless `overwrite` (then it is replaced whole once the import is complete), and an HF dir
+    without tokenizer.json (load_checkpoint needs one).
     """
     from nanojax.checkpoint import Checkpointer
     from nanojax.tokenizer import HF_FILE, HFTokenizer
 
     hf_dir, workdir = Path(hf_dir), Path(workdir)
     _config_from_hf(_read_hf_config(hf_dir), dtype)  # a bad config is named before anything else
-    if (workdir / "config.json").exists() or (workdir / "checkpoints").exists():
+    if not overwrite and ((workdir / "config.json").exists() or (workdir / "checkpoints").exists()):
         raise FileExistsError(f"{workdir} already holds a run (config.json or checkpoints/); nothing "
-                              "was changed. Choose a new --workdir.")
+                              "was changed. Choose a new --workdir, or pass --overwrite to replace it.")
     tok_file = Path(tokenizer) if tokenizer else hf_dir / HF_FILE
     if tok_file.is_dir():
         tok_file = tok_file / HF_FILE
@@ -678,19 +706,23 @@ def hf_to_workdir(hf_dir: Path_, workdir: Path_, dtype: str | None = None,
             "tokenizer.json for fast tokenizers), or pass tokenizer=PATH (--tokenizer)."
         )
     HFTokenizer.from_file(tok_file)  # fail now, not at sampling time, if it does not parse
+    check_target(workdir, overwrite=overwrite, inputs=(hf_dir, tok_file))
     cfg, params = load_hf(hf_dir, dtype)
-    workdir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok_file, workdir / HF_FILE)
-    ckpt = Checkpointer(workdir / "checkpoints", save_every=1)
-    ckpt.save(0, params, IMPORTED_OPT_STATE, force=True)
-    ckpt.close()
-    (workdir / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {}}, indent=2))
+    with replace_dir(workdir, overwrite=overwrite, inputs=(hf_dir, tok_file)) as out:
+        shutil.copyfile(tok_file, out / HF_FILE)
+        ckpt = Checkpointer(out / "checkpoints", save_every=1)
+        ckpt.save(0, params, IMPORTED_OPT_STATE, force=True)
+        ckpt.close()
+        (out / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "train": {}}, indent=2))
     return workdir
 
 
-def workdir_to_hf(workdir: Path_, out_dir: Path_, step: int | None = None) -> Path:
-    """Exports a nanojax workdir's checkpoint (latest step by default) and tokenizer as an HF dir."""
+def workdir_to_hf(workdir: Path_, out_dir: Path_, step: int | None = None, *,
+                  overwrite: bool = False) -> Path:
+    """Exports a nanojax workdir's checkpoint (latest step by default) and tokenizer as an HF dir.
+    out_dir must be absent or empty unless `overwrite` (see save_hf)."""
     from nanojax.checkpoint import load_checkpoint
 
+    check_target(out_dir, overwrite=overwrite, inputs=(workdir,))  # before restoring anything
     cfg, params, tok = load_checkpoint(workdir, step)
-    return save_hf(params, cfg, out_dir, tokenizer=tok)
+    return save_hf(params, cfg, out_dir, tokenizer=tok, overwrite=overwrite)

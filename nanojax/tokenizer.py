@@ -60,7 +60,11 @@ class HFTokenizer:
     def from_file(cls, path: str | Path) -> HFTokenizer:
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)))
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception naming no file
+            raise ValueError(f"{path} is not a valid tokenizer.json ({e}); re-save it with "
+                             "transformers or `tokenizers`, or point at another file.") from None
 
     @classmethod
     def train_bpe(cls, text: str, vocab_size: int) -> HFTokenizer:
@@ -108,7 +112,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if path.is_file():
         if path.name == CHAR_FILE:
-            return CharTokenizer(json.loads(path.read_text())["chars"])
+            try:
+                chars = json.loads(path.read_text(encoding="utf-8"))["chars"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path} is not a nanojax char tokenizer file ({type(e).__name__}: "
+                                 f"{e}); expected {{\"type\": \"char\", \"chars\": \"...\"}}. "
+                                 "Re-run scripts/prepare_data.py.") from None
+            if not isinstance(chars, str):
+                raise ValueError(f"{path}: \"chars\" must be a string, got {type(chars).__name__}.")
+            return CharTokenizer(chars)
         return HFTokenizer.from_file(path)
     if (path / CHAR_FILE).exists():
         return load_tokenizer(path / CHAR_FILE)

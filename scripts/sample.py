@@ -17,6 +17,7 @@ from absl import app, flags, logging
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nanojax as nj  # noqa: E402
+from nanojax import cli  # noqa: E402
 from nanojax.generate import generate_stream  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training workdir (or use --hf_dir).")
@@ -85,4 +86,4 @@ def main(argv):
     print(tok.decode(new)[shown:])
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)  # flag and user errors as `error: ...` lines (--debug: the traceback)
