@@ -16,3 +16,33 @@ def shakespeare_text() -> str:
     if not path or not Path(path).is_file():
         pytest.skip("set NANOJAX_TEST_TEXT to a copy of Tiny Shakespeare to run real-text tests")
     return Path(path).read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def _compile_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax_compile_cache")  # one per xdist worker: never shared
+
+
+@pytest.fixture(scope="module")
+def compile_cache(_compile_cache_dir) -> dict[str, str]:
+    """JAX's persistent compilation cache, on for one test module; yields the environment that
+    turns it on in that module's subprocesses too.
+
+    train() builds fresh jitted functions on every call, so each run in a test recompiled the
+    same step (~2 s of XLA:CPU each, most of a tiny run). With the cache a run of a config
+    already compiled in this session loads the executable instead; what runs is the same
+    executable, so results are unchanged (the resume tests compare losses bit for bit)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    settings = {"jax_compilation_cache_dir": str(_compile_cache_dir),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    old = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    cc.reset_cache()  # jax decides once per process whether a cache is in use; ask it again
+    yield {name.upper(): str(value) for name, value in settings.items()}
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
