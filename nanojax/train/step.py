@@ -1,0 +1,140 @@
+"""The loss and the jitted train and eval steps, and `build`, which compiles them for a config.
+
+The step is a pure function `(params, opt_state, x, y, step) -> (params, opt_state, metrics)`
+with donated state; its shardings come from nanojax.sharding, so one CPU and a pod differ only in
+the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from nanojax import sharding as shd
+from nanojax.config import ModelConfig
+from nanojax.model import Params, forward, init_params, param_shapes
+from nanojax.optim import lr_schedule, make_optimizer
+
+
+def loss_fn(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
+            dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy (nats). x, y: int32 (B, T)."""
+    logits = forward(params, x, cfg, dropout_rng=dropout_rng)  # (B, T, V) float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
+                    schedule: optax.Schedule | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """The un-jitted step. x, y: int32 (A, B, T) with A micro-batches accumulated per update.
+
+    With `schedule`, the metrics carry the step's learning rate too (computed on the device, so
+    the host loop dispatches nothing but the step). With `mesh`, activations are pinned to it by
+    logical axes while the step is traced (sharding.activation_sharding)."""
+    base_key = jax.random.key(seed)
+
+    def step_fn(params, opt_state, x, y, step):
+        with shd.activation_sharding(mesh):
+            return _step(params, opt_state, x, y, step)
+
+    def _step(params, opt_state, x, y, step):
+        use_dropout = cfg.dropout > 0
+        rng = jax.random.fold_in(base_key, step)
+        grad_fn = jax.value_and_grad(loss_fn)
+        A = x.shape[0]
+        if A == 1:
+            loss, grads = grad_fn(params, x[0], y[0], cfg, rng if use_dropout else None)
+        else:
+            def micro(carry, inputs):
+                loss_sum, grad_sum = carry
+                xi, yi, i = inputs
+                li, gi = grad_fn(params, xi, yi, cfg, jax.random.fold_in(rng, i) if use_dropout else None)
+                return (loss_sum + li, jax.tree.map(jnp.add, grad_sum, gi)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
+                                            (x, y, jnp.arange(A)))
+            loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step changes nothing: the host sees ok=False and stops with the last good
+        # state, so no NaN ever reaches a checkpoint. The select fuses into the Adam update.
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        new_params = jax.tree.map(keep, new_params, params)
+        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
+        return new_params, new_opt_state, metrics
+
+    return step_fn
+
+
+def make_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    def eval_fn(params, x, y):
+        with shd.activation_sharding(mesh):
+            return loss_fn(params, x, y, cfg)
+
+    return eval_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything compiled for a run: mesh, optimizer, shardings and the jitted functions.
+
+    step_fn(params, opt_state, x, y, step) -> (params, opt_state, metrics), x/y int32 (A, B, T),
+    params and opt_state donated. eval_fn(params, x, y) -> mean loss, x/y (B, T).
+    init_fn(key) -> (params, opt_state), created directly in their shardings.
+    """
+
+    cfg: ModelConfig
+    mesh: jax.sharding.Mesh
+    optimizer: optax.GradientTransformation
+    param_shardings: Any
+    opt_shardings: Any
+    batch_sharding: Any
+    eval_batch_sharding: Any
+    step_fn: Callable
+    eval_fn: Callable
+    init_fn: Callable
+
+    def abstract_step_args(self, batch_size: int, accum: int = 1) -> tuple:
+        """ShapeDtypeStructs for `step_fn.lower(...)`: cost analysis without allocating."""
+        params = param_shapes(self.cfg)
+        opt_state = jax.eval_shape(self.optimizer.init, params)
+        x = jax.ShapeDtypeStruct((accum, batch_size, self.cfg.max_seq_len), jnp.int32)
+        return params, opt_state, x, x, jax.ShapeDtypeStruct((), jnp.int32)
+
+
+def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
+    """Mesh, optimizer, shardings and jitted step/eval/init for a training config."""
+    mesh = shd.make_mesh(**config.mesh.to_dict())
+    schedule = lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)
+    optimizer = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                               grad_clip=config.grad_clip)
+    p_sh = shd.param_shardings(cfg, mesh)
+    o_sh = shd.opt_state_shardings(optimizer, param_shapes(cfg), p_sh, mesh)
+    repl = shd.replicated(mesh)
+    batch_sh, eval_sh = shd.batch_sharding(mesh, ndim=3), shd.batch_sharding(mesh)
+    step_fn = jax.jit(
+        make_train_step(cfg, optimizer, config.seed, schedule, mesh),
+        in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
+        out_shardings=(p_sh, o_sh, repl),
+        donate_argnums=(0, 1),
+    )
+    eval_fn = jax.jit(make_eval_step(cfg, mesh), in_shardings=(p_sh, eval_sh, eval_sh), out_shardings=repl)
+
+    def init(key):
+        params = init_params(cfg, key)
+        return params, optimizer.init(params)
+
+    init_fn = jax.jit(init, out_shardings=(p_sh, o_sh))
+    return Run(cfg, mesh, optimizer, p_sh, o_sh, batch_sh, eval_sh, step_fn, eval_fn, init_fn)
