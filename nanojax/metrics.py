@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from nanojax.config import ModelConfig
+from nanojax.outdir import write_atomic
 
 # Dense peak TFLOP/s per device kind and dtype, from the vendors' spec sheets (no sparsity).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -94,31 +94,6 @@ def memory_stats(device: Any = None) -> dict[str, float]:
         if key in stats:
             out[name] = stats[key] / 2**30
     return out
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Replaces the file at `path` with `text` all at once, so that a kill or a crash at any
-    moment leaves either the old file or the new one, never a truncated mix: the text goes to a
-    temporary file beside it, is flushed to disk, and is renamed over it (os.replace is atomic
-    on POSIX filesystems); then the directory is synced so that the rename itself survives a
-    power cut. A writer killed mid-write leaves a hidden `.NAME.PID.tmp` beside it, never read."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(): the usual umask'd mode
-    try:
-        with tmp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: persist the directory entry too
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class MetricsWriter:

@@ -90,3 +90,28 @@ def replace_dir(target: str | Path, *, overwrite: bool = False, keep: Sequence[s
     finally:
         if fresh.exists():
             shutil.rmtree(fresh)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replaces the file at `path` with `text` all at once, so that a kill or a crash at any
+    moment leaves either the old file or the new one, never a truncated mix: the text goes to a
+    temporary file beside it, is flushed to disk, and is renamed over it (os.replace is atomic
+    on POSIX filesystems); then the directory is synced so that the rename itself survives a
+    power cut. A writer killed mid-write leaves a hidden `.NAME.PID.tmp` beside it, never read."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(): the usual umask'd mode
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: persist the directory entry too
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from nanojax.outdir import write_atomic
+
 CHAR_FILE = "tokenizer_char.json"
 HF_FILE = "tokenizer.json"
 
@@ -44,7 +46,7 @@ class CharTokenizer:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / CHAR_FILE
-        path.write_text(json.dumps({"type": "char", "chars": self.chars}))
+        write_atomic(path, json.dumps({"type": "char", "chars": self.chars}))  # resume rewrites it
         return path
 
 
@@ -100,7 +102,7 @@ class HFTokenizer:
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / HF_FILE
-        self.tok.save(str(path))
+        write_atomic(path, self.tok.to_str())  # whole or not at all: a resume rewrites it
         return path
 
 
