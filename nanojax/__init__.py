@@ -13,7 +13,7 @@ tune_malloc()  # before JAX allocates anything (see nanojax/_malloc.py)
 from nanojax.checkpoint import load_checkpoint  # noqa: E402
 from nanojax.config import ModelConfig  # noqa: E402
 from nanojax.generate import generate, generate_stream  # noqa: E402
-from nanojax.hf import load_hf, save_hf  # noqa: E402
+from nanojax.interop import load_hf, save_hf  # noqa: E402
 from nanojax.model import forward, init_params, param_axes  # noqa: E402
 
 __all__ = ["ModelConfig", "init_params", "forward", "param_axes", "load_checkpoint", "generate",

@@ -1,4 +1,4 @@
-"""Convert between Hugging Face model directories and nanojax workdirs (logic: nanojax/hf.py).
+"""Convert between Hugging Face model directories and nanojax workdirs (logic: nanojax/interop/hf.py).
 
     # HF -> nanojax workdir (config.json, tokenizer.json, orbax checkpoint at step 0)
     python scripts/convert.py --hf_dir=path/to/hf_model --workdir=out/imported [--dtype=bfloat16]
@@ -19,7 +19,8 @@ from absl import app, flags, logging
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nanojax  # noqa: E402,F401  (tunes malloc before JAX allocates)
-from nanojax import cli, hf  # noqa: E402
+from nanojax import cli  # noqa: E402
+from nanojax.interop import hf  # noqa: E402
 
 flags.DEFINE_string("hf_dir", None, "HF model directory to import (config.json + *.safetensors).")
 flags.DEFINE_string("workdir", None, "nanojax workdir: written on import, read on export.", required=True)

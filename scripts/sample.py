@@ -44,9 +44,9 @@ def _load():
         cfg, params, tok = nj.load_checkpoint(FLAGS.workdir)
         return cfg, params, tok, [], []
     try:
-        from nanojax.hf import load_hf
+        from nanojax.interop import load_hf
     except ImportError as e:
-        raise app.UsageError(f"--hf_dir needs nanojax.hf ({e})") from e
+        raise app.UsageError(f"--hf_dir needs nanojax.interop ({e})") from e
     from nanojax.tokenizer import load_tokenizer
 
     cfg, params = load_hf(FLAGS.hf_dir)

@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 import nanojax as nj
-from nanojax import data, hf
+from nanojax import data
+from nanojax.interop import hf
 from nanojax.outdir import OutputExistsError
 from nanojax.tokenizer import CharTokenizer, load_tokenizer
 from nanojax.train import ConfigError, default_config, train, validate_config

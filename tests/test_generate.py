@@ -498,7 +498,7 @@ def test_bf16_cache_and_compute_track_the_fp32_forward():
 
 
 def test_sample_script_from_an_hf_dir(tmp_path):
-    pytest.importorskip("nanojax.hf")
+    pytest.importorskip("nanojax.interop")
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from nanojax.tokenizer import HFTokenizer

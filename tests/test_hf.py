@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import nanojax as nj  # noqa: E402
-from nanojax import hf as nj_hf  # noqa: E402
+from nanojax.interop import hf as nj_hf  # noqa: E402
 from nanojax.model import ParamSpec, param_specs  # noqa: E402
 from nanojax.tokenizer import HFTokenizer, load_tokenizer  # noqa: E402
 
