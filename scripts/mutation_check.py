@@ -96,8 +96,11 @@ def run_pytest(copy: Path, targets: list[str], workers: int) -> tuple[int, str, 
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
-    failed = [ln.split(" ")[1] for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
-    detail = ", ".join(sorted(set(failed))[:3]) or (lines[-1] if lines else proc.stderr[-300:])
+    failed = sorted({ln.split(" ")[1] for ln in lines if ln.startswith(("FAILED ", "ERROR "))})
+    if failed:  # the first failing test, named without its folder, and how many more failed
+        detail = failed[0].removeprefix("tests/") + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else "")
+    else:
+        detail = lines[-1] if lines else proc.stderr[-300:]
     return proc.returncode, detail, time.perf_counter() - t0
 
 
