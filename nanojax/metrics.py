@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
+import platform
 import re
 import time
 from pathlib import Path
@@ -80,6 +82,47 @@ def mfu(tokens_per_sec: float, cfg: ModelConfig, seq_len: int, n_devices: int = 
     if not peak:
         return None
     return flops_per_token(cfg, seq_len) * tokens_per_sec / (peak * n_devices)
+
+
+# The x86 extensions that decide matmul speed on CPU (DESIGN.md: the EPYC has AVX2 only, the Xeon
+# AVX-512, VNNI and AMX, and the fast path differs), in the order cpu_description names them.
+CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (its affinity mask; XLA:CPU sizes its pool to it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_description(threads: str = "", cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """One line naming the host CPU, for the header of a benchmark table: the model name, which
+    of CPU_ISA_FLAGS it has, its logical CPUs (and how many this process may use), and `threads`,
+    the caller's account of the threads it ran (e.g. "XLA 2, torch 2").
+
+    e.g. "Intel(R) Xeon(R) Processor; avx2 avx512f amx_tile; 2 logical CPUs, 2 usable; threads XLA 2".
+    Reads `cpuinfo` (Linux); without one, the model is platform.processor() and the flags unknown.
+    """
+    model, flags = "", None
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and not model:
+                model = value.strip()
+            elif key in ("flags", "Features") and flags is None:  # x86 / Arm spelling
+                flags = set(value.split())
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    if flags is None:
+        isa = "ISA flags unknown"
+    else:
+        isa = " ".join(f for f in CPU_ISA_FLAGS if f in flags) or f"none of {', '.join(CPU_ISA_FLAGS)}"
+    out = f"{model}; {isa}; {os.cpu_count()} logical CPUs, {usable_cpus()} usable"
+    return out + (f"; threads {threads}" if threads else "")
 
 
 def memory_stats(device: Any = None) -> dict[str, float]:

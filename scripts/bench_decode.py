@@ -32,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanojax as nj  # noqa: E402
+from nanojax.metrics import cpu_description, usable_cpus  # noqa: E402
 
 DEFAULT_BATCHES = {"shakespeare-char-cpu": "1,8", "gpt2-small": "1,8", "llama-134m": "1", "llama2-7b": "1"}
 PRACTICAL_CPU_GBPS = 31.0  # DESIGN.md: llama.cpp fp32 on the 134M Llama shape reads ~31 GB/s here
@@ -232,8 +233,11 @@ def main(argv):
     print(f"date {datetime.date.today()}, {platform.node()}, {dev.device_kind} ({dev.platform}), "
           f"jax {jax.__version__}, dtype {FLAGS.dtype}, prompt {FLAGS.prompt_len} + {FLAGS.new_tokens} new "
           f"tokens, greedy, median of {FLAGS.repeats}")
-    print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on "
-          f"{os.cpu_count()} CPUs (other work on the machine slows both sides, torch's OpenMP most)")
+    used = f"XLA {usable_cpus()}" if on_cpu else f"XLA on {dev.device_kind}"
+    used += "" if FLAGS.no_hf else f", torch {FLAGS.torch_threads}"
+    print(f"CPU: {cpu_description(used)}")
+    print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other work "
+          "on the machine slows both sides, torch's OpenMP most)")
     print(f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read + write of a large array copy)"
           + (f"; DESIGN.md practical CPU figure {PRACTICAL_CPU_GBPS:.0f} GB/s" if on_cpu else ""))
     print()

@@ -26,7 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 
 import nanojax  # noqa: E402,F401
-from nanojax.metrics import flops_per_token, measured_cpu_peak_flops, mfu  # noqa: E402
+from nanojax.metrics import (  # noqa: E402
+    cpu_description,
+    flops_per_token,
+    measured_cpu_peak_flops,
+    mfu,
+    usable_cpus,
+)
 from nanojax.train import build, default_config, model_config_from  # noqa: E402
 
 # name: (preset, batch, context). GPT-2 124M at a CPU-sized batch (DESIGN.md's measurements).
@@ -171,7 +177,12 @@ def main(argv):
               f"({FLAGS.dtype}, {device.device_kind})", flush=True)
         if FLAGS.profile_dir:
             profile(name, nj_step, nj_sync, sides["nanojax"][2][:3])
-    print("\n| shape | batch x ctx | impl | ms/step | tokens/s | nanojax speed-up |")
+    device = jax.devices()[0]
+    used = f"XLA {usable_cpus()}" if device.platform == "cpu" else f"XLA on {device.device_kind}"
+    used += f", torch {threads}" if FLAGS.torch else ""
+    print(f"\n{device.device_kind} ({device.platform}), jax {jax.__version__}, {FLAGS.dtype}")
+    print(f"CPU: {cpu_description(used)}")
+    print("| shape | batch x ctx | impl | ms/step | tokens/s | nanojax speed-up |")
     print("|---|---|---|---:|---:|---:|")
     for name, bt, impl, ms, tps, ratio in rows:
         print(f"| {name} | {bt} | {impl} | {ms:.1f} | {tps:,.0f} | {ratio:.2f}x |")

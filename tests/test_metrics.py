@@ -5,7 +5,14 @@ import json
 import pytest
 
 import nanojax as nj
-from nanojax.metrics import PEAK_TFLOPS, MetricsWriter, device_peak_flops, flops_per_token, mfu
+from nanojax.metrics import (
+    PEAK_TFLOPS,
+    MetricsWriter,
+    cpu_description,
+    device_peak_flops,
+    flops_per_token,
+    mfu,
+)
 from nanojax.train import build, default_config, model_config_from
 
 
@@ -55,3 +62,16 @@ def test_metrics_writer_drops_lines_past_the_resume_step(tmp_path):
     w.write({"step": 6, "train_loss": 2.0})
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_cpu_description_names_the_model_and_only_the_flags_present(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f "
+                    "avx512_vnni amx_int8 avx512_fp16\n\nprocessor\t: 1\nmodel name\t: Test CPU 9000\n"
+                    "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8 avx512_fp16\n")
+    line = cpu_description("XLA 2, torch 2", cpuinfo=info)
+    assert line.startswith("Test CPU 9000; avx2 avx512f avx512_vnni amx_int8; "), line
+    assert line.endswith(" usable; threads XLA 2, torch 2") and "logical CPUs" in line, line
+    info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    assert "; none of avx2, " in cpu_description(cpuinfo=info)
+    assert "ISA flags unknown" in cpu_description(cpuinfo=tmp_path / "missing")
