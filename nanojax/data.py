@@ -8,6 +8,7 @@ pure function of (seed, step): resuming a run replays nothing and skips nothing.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,32 @@ def batch_indices(n_tokens: int, seq_len: int, seed: int, step: int, count: int)
     """`count` window starts in [0, n_tokens - seq_len - 1], a pure function of (seed, step)."""
     rng = np.random.default_rng([seed, step])
     return rng.integers(0, n_tokens - seq_len, size=count)
+
+
+def full_split_batches(tokens: np.ndarray, seq_len: int, batch_size: int, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every next-token prediction of a split exactly once, in batches of windows.
+
+    Yields inputs x (int32), targets y (int32) and weights w (float32, 1 or 0), each
+    (batch_size / process_count, seq_len): this process's contiguous share of the rows, as in
+    get_batch. Window r takes inputs tokens[r*T : (r+1)*T] and the targets shifted by one, so each
+    of the n - 1 targets tokens[1:] is predicted once, from 1 to T tokens of context. Where the
+    split runs out, the last window is padded with token 0 at weight 0 and whole rows of weight 0
+    fill the last batch (and any process's share past the end): every batch has one shape, so one
+    compiled function serves them all. Over all batches and processes the weights sum to n - 1.
+    """
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} is not divisible by {process_count} processes")
+    T, n = seq_len, len(tokens)
+    n_windows = -(-(n - 1) // T)  # ceil: the last window may be partial
+    per = batch_size // process_count
+    for first in range(0, n_windows, batch_size):
+        start = (first + process_index * per) * T  # this share's first input token
+        flat = np.zeros(per * T + 1, np.int32)  # (per * T + 1,): inputs and targets overlap by all but one
+        part = np.asarray(tokens[start:start + per * T + 1], dtype=np.int32)  # short (or empty) at the end
+        flat[:len(part)] = part
+        w = (start + np.arange(per * T) < n - 1).astype(np.float32)  # target index start + j + 1 <= n - 1
+        yield flat[:-1].reshape(per, T), flat[1:].reshape(per, T), w.reshape(per, T)
 
 
 def get_batch(

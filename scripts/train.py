@@ -70,9 +70,10 @@ def main(argv):
         print(f"done: the run in {FLAGS.workdir} had already reached step {summary['step']}; raise "
               "--config.max_steps to train on, or pass a new --workdir to start over.")
         return 0
-    val = summary.get("val_loss")
+    val, full = summary.get("val_loss"), summary.get("val_loss_full")
     print(f"done: step {summary['step']}, train loss {summary['train_loss']:.4f}"
-          + (f", val loss {val:.4f}" if val is not None else ""))
+          + (f", val loss {val:.4f}" if val is not None else "")
+          + (f", whole-split val loss {full:.4f}" if full is not None else ""))
     return 0
 
 

@@ -8,12 +8,21 @@ from nanojax.train.loop import (
     CONFIG_FILE,
     NonFiniteLossError,
     WorkdirMismatchError,
+    evaluate_full,
     train,
 )
-from nanojax.train.step import Run, build, loss_fn, make_eval_step, make_train_step
+from nanojax.train.step import (
+    Run,
+    build,
+    loss_fn,
+    make_eval_step,
+    make_eval_sum_step,
+    make_train_step,
+    token_losses,
+)
 
 __all__ = [
     "CONFIG_FILE", "ConfigError", "NonFiniteLossError", "Run", "WorkdirMismatchError", "build",
-    "default_config", "loss_fn", "make_eval_step", "make_train_step", "model_config_from", "train",
-    "validate_config",
+    "default_config", "evaluate_full", "loss_fn", "make_eval_step", "make_eval_sum_step",
+    "make_train_step", "model_config_from", "token_losses", "train", "validate_config",
 ]

@@ -52,6 +52,9 @@ def default_config(preset: str = "gpt2-small", **model_overrides: Any) -> ml_col
     c.grad_clip = 1.0
     c.eval_every = 250
     c.eval_iters = 20
+    # After the last step, also the val loss over the whole split, every token predicted once
+    # (metrics.jsonl `val_loss_full`): comparable across tools, unlike eval_iters sampled batches.
+    c.eval_full_at_end = True
     c.log_every = 1
     c.ckpt_every = 250
     c.keep_checkpoints = 2
@@ -122,7 +125,8 @@ _RANGES: tuple[tuple[str, bool, float, bool, float | None, str], ...] = (
     ("model.rope_theta", False, 0, False, None, "the RoPE base"),
     ("model.init_std", False, 0, True, None, "std of the normal init"),
 )
-_OPTIONAL = ("profile", "keep_checkpoints")  # train() reads these with a default
+_OPTIONAL = ("profile", "keep_checkpoints", "eval_full_at_end")  # train() reads these with a default
+_BOOLS = (("eval_full_at_end", "the whole-split val loss after the last step"),)
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[bool, Any]:
@@ -223,6 +227,11 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
             example = f", e.g. {default!r}" if default is not None and not key.startswith("model.") else ""
             problems.append(f"{key}={v!r}: must be {_range_text(integer, lo, lo_ok, hi)} ({what}); "
                             f"set --config.{key} to one{example}")
+    for key, what in _BOOLS:
+        present, v = _lookup(config, key)
+        if present and not isinstance(v, bool | np.bool_):
+            problems.append(f"{key}={v!r}: must be True or False ({what}); set --config.{key}=true or "
+                            "=false")
     lr, min_lr = ok_values.get("lr"), ok_values.get("min_lr")
     if lr is not None and min_lr is not None and min_lr > lr:
         problems.append(f"min_lr={min_lr!r}: above lr={lr!r}, so the rate would rise after warmup; set "

@@ -22,7 +22,7 @@ from nanojax.config import ModelConfig
 from nanojax.metrics import MetricsWriter, memory_stats, mfu, write_atomic
 from nanojax.tokenizer import load_tokenizer
 from nanojax.train.config import _parse_profile, model_config_from, validate_config
-from nanojax.train.step import build
+from nanojax.train.step import Run, build
 
 CONFIG_FILE = "config.json"
 
@@ -74,6 +74,25 @@ class _Interrupt:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def evaluate_full(run: Run, params: Any, tokens: np.ndarray, batch_size: int) -> float:
+    """Mean next-token loss (nats per token) over a whole split: every target tokens[1:] predicted
+    exactly once, in non-overlapping windows of max_seq_len (data.full_split_batches), so the number
+    is comparable with other tools that score a split the same way, unlike train()'s `val_loss`
+    (the mean of eval_iters sampled batches).
+
+    tokens: the split, (n,) integer ids. batch_size: windows per call of run.eval_sum_fn, a multiple
+    of the mesh's data x fsdp and of the processes (validate_config checks config.batch_size is).
+    """
+    sh = run.eval_batch_sharding
+    sums = [run.eval_sum_fn(params, shd.put_batch(x, sh), shd.put_batch(y, sh), shd.put_batch(w, sh))
+            for x, y, w in data_lib.full_split_batches(tokens, run.cfg.max_seq_len, batch_size,
+                                                       jax.process_index(), jax.process_count())]
+    # One fetch at the end keeps the calls queued back to back; each sum is of at most B * T
+    # tokens in float32, their total in float64.
+    total = np.sum(np.asarray(jax.device_get(sums), np.float64))
+    return float(total / (len(tokens) - 1))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -216,10 +235,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
                 if evaluate_now:
                     val = evaluate(params)
                     summary["val_loss"] = val
+                    rec = {"step": s, "val_loss": val, "train_loss": last_train_loss}
+                    note = ""
+                    if s == config.max_steps and config.get("eval_full_at_end", True):
+                        t_full = time.perf_counter()
+                        rec["val_loss_full"] = summary["val_loss_full"] = evaluate_full(
+                            run, params, val_tokens, B)
+                        note = (f", whole-split val loss {rec['val_loss_full']:.4f} ({len(val_tokens) - 1:,}"
+                                f" tokens, {time.perf_counter() - t_full:.1f} s)")
                     if writer:
-                        writer.write({"step": s, "val_loss": val, "train_loss": last_train_loss})
+                        writer.write(rec)
                     if bar:
-                        bar.write(f"step {s}: train loss {last_train_loss:.4f}, val loss {val:.4f}")
+                        bar.write(f"step {s}: train loss {last_train_loss:.4f}, val loss {val:.4f}{note}")
                     t_last = time.perf_counter()  # eval time is not training throughput
                 if save_now:
                     ckpt.save(s, params, opt_state, force=True)

@@ -22,11 +22,17 @@ from nanojax.model import Params, forward, init_params, param_shapes
 from nanojax.optim import lr_schedule, make_optimizer
 
 
+def token_losses(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Next-token cross-entropy of every position: float32 (B, T) nats. x, y: int32 (B, T)."""
+    logits = forward(params, x, cfg, dropout_rng=dropout_rng)  # (B, T, V) float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
+
+
 def loss_fn(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
             dropout_rng: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy (nats). x, y: int32 (B, T)."""
-    logits = forward(params, x, cfg, dropout_rng=dropout_rng)  # (B, T, V) float32
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return token_losses(params, x, y, cfg, dropout_rng).mean()
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
@@ -86,12 +92,24 @@ def make_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> C
     return eval_fn
 
 
+def make_eval_sum_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """The un-jitted weighted loss sum: (params, x, y, w) -> float32 scalar, sum of w * per-token
+    loss in nats. x, y: int32 (B, T); w: float32 (B, T), 1 for a position to count, 0 for padding.
+    A sum, not a mean, so the host can weight batches by their token counts (loop.evaluate_full)."""
+    def eval_sum_fn(params, x, y, w):
+        with shd.activation_sharding(mesh):
+            return jnp.sum(token_losses(params, x, y, cfg) * w)
+
+    return eval_sum_fn
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
     """Everything compiled for a run: mesh, optimizer, shardings and the jitted functions.
 
     step_fn(params, opt_state, x, y, step) -> (params, opt_state, metrics), x/y int32 (A, B, T),
     params and opt_state donated. eval_fn(params, x, y) -> mean loss, x/y (B, T).
+    eval_sum_fn(params, x, y, w) -> sum of w * per-token loss (nats), x/y/w (B, T), w float32.
     init_fn(key) -> (params, opt_state), created directly in their shardings.
     """
 
@@ -105,6 +123,7 @@ class Run:
     step_fn: Callable
     eval_fn: Callable
     init_fn: Callable
+    eval_sum_fn: Callable
 
     def abstract_step_args(self, batch_size: int, accum: int = 1) -> tuple:
         """ShapeDtypeStructs for `step_fn.lower(...)`: cost analysis without allocating."""
@@ -131,10 +150,12 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
         donate_argnums=(0, 1),
     )
     eval_fn = jax.jit(make_eval_step(cfg, mesh), in_shardings=(p_sh, eval_sh, eval_sh), out_shardings=repl)
+    eval_sum_fn = jax.jit(make_eval_sum_step(cfg, mesh), in_shardings=(p_sh, eval_sh, eval_sh, eval_sh),
+                          out_shardings=repl)
 
     def init(key):
         params = init_params(cfg, key)
         return params, optimizer.init(params)
 
     init_fn = jax.jit(init, out_shardings=(p_sh, o_sh))
-    return Run(cfg, mesh, optimizer, p_sh, o_sh, batch_sh, eval_sh, step_fn, eval_fn, init_fn)
+    return Run(cfg, mesh, optimizer, p_sh, o_sh, batch_sh, eval_sh, step_fn, eval_fn, init_fn, eval_sum_fn)
