@@ -96,7 +96,9 @@ def run_pytest(copy: Path, targets: list[str], workers: int) -> tuple[int, str, 
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
-    failed = sorted({ln.split(" ")[1] for ln in lines if ln.startswith(("FAILED ", "ERROR "))})
+    # "FAILED tests/f.py::name[param] - message"; a param may itself hold spaces
+    failed = sorted({ln.split(" ", 1)[1].split(" - ", 1)[0] for ln in lines
+                     if ln.startswith(("FAILED ", "ERROR "))})
     if failed:  # the first failing test, named without its folder, and how many more failed
         detail = failed[0].removeprefix("tests/") + (f" (+{len(failed) - 1} more)" if len(failed) > 1 else "")
     else:
