@@ -39,23 +39,31 @@ RULES: dict[str, Any] = {
 }
 
 
+def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) sizes of a mesh over n_devices; one size may be -1 to take what
+    the others leave. Raises ValueError naming the sizes and the device count when they don't fit
+    (validate_config reports it as one of a config's problems; make_mesh raises it)."""
+    sizes = [data, fsdp, tensor]
+    shown = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
+    fixed = math.prod(s for s in sizes if s != -1)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"{shown}: at most one mesh size may be -1; set the others to numbers")
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ValueError(f"{shown}: {n_devices} devices cannot be split with the fixed sizes "
+                             f"(product {fixed}); choose sizes whose product divides {n_devices}")
+        sizes[sizes.index(-1)] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ValueError(f"{shown}: that is {fixed} devices, but {n_devices} are available (this run "
+                         f"has {n_devices}); make the product {n_devices}, or set one size to -1")
+    return sizes[0], sizes[1], sizes[2]
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Any = None) -> jax.sharding.Mesh:
     """A (data, fsdp, tensor) mesh over all devices; one size may be -1 to take the rest."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh size may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh sizes {sizes}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(
-            f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-            f"devices, but {len(devices)} are available; make the product match (or use -1)."
-        )
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_spec(
@@ -137,6 +145,6 @@ def put_batch(batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
 
 
 __all__ = [
-    "MESH_AXES", "RULES", "make_mesh", "logical_to_spec", "param_shardings", "opt_state_shardings",
-    "replicated", "batch_sharding", "activation_sharding", "put_batch",
+    "MESH_AXES", "RULES", "mesh_sizes", "make_mesh", "logical_to_spec", "param_shardings",
+    "opt_state_shardings", "replicated", "batch_sharding", "activation_sharding", "put_batch",
 ]

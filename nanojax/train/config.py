@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from nanojax import data as data_lib
+from nanojax import sharding as shd
 from nanojax.config import ModelConfig
 
 
@@ -284,22 +285,11 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
             else:
                 sizes[axis] = v
     if len(sizes) == 3:
-        free = [a for a, v in sizes.items() if v == -1]
-        fixed = math.prod(v for v in sizes.values() if v != -1)
-        shown = " x ".join(f"mesh.{a}={v}" for a, v in sizes.items())
-        if len(free) > 1:
-            problems.append(f"{shown}: at most one mesh size may be -1; set the others to numbers")
-            sizes = {}
-        elif free and n_devices % fixed:
-            problems.append(f"{shown}: {n_devices} devices cannot be split with the fixed sizes "
-                            f"(product {fixed}); choose sizes whose product divides {n_devices}")
-            sizes = {}
-        elif free:
-            sizes[free[0]] = n_devices // fixed
-        elif fixed != n_devices:
-            problems.append(f"{shown}: that is {fixed} devices, but this run has {n_devices}; make "
-                            f"the product {n_devices}, or set one size to -1")
-            sizes = {}
+        try:
+            sizes = dict(zip(shd.MESH_AXES, shd.mesh_sizes(**sizes, n_devices=n_devices), strict=True))
+        except ValueError as e:
+            problems.append(str(e))
+            sizes = {}  # no divisibility checks against a mesh that does not fit
     else:
         sizes = {}  # a bad size was named above: no divisibility checks against a broken mesh
     B = ok_values.get("batch_size")
