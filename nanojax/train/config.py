@@ -5,7 +5,6 @@ of the whole config before anything is built (one line per problem, naming key, 
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 from pathlib import Path
@@ -158,7 +157,7 @@ def _check_data_dir(config: ml_collections.ConfigDict, problems: list[str]) -> N
         problems.append(f"{where}: no such directory; prepare it with {prep}, or set --config.data_dir")
         return
     try:
-        meta = json.loads((d / data_lib.META).read_text())
+        meta = data_lib.load_meta(d)
         vocab, dtype = int(meta["vocab_size"]), np.dtype(meta["dtype"])
     except FileNotFoundError:
         problems.append(f"{where}: has no {data_lib.META}, so it is not a prepared data directory; "

@@ -110,11 +110,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     meta = data_lib.load_meta(config.data_dir)
     cfg = model_config_from(config, meta["vocab_size"])
     T = cfg.max_seq_len
-    if meta["vocab_size"] > cfg.vocab_size:
-        raise ValueError(
-            f"the data's tokenizer has {meta['vocab_size']} tokens but model.vocab_size="
-            f"{cfg.vocab_size}; set model.vocab_size >= {meta['vocab_size']} (or 0 for the data's)."
-        )
     _check_workdir(workdir, cfg)
     train_tokens = data_lib.load_split(config.data_dir, "train", T, cfg.vocab_size)
     val_tokens = data_lib.load_split(config.data_dir, "val", T, cfg.vocab_size)
