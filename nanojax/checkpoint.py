@@ -378,8 +378,7 @@ class Checkpointer:
             leaves = _leaves(tree)
             if record is None:  # saved before checksums: at least refuse non-finite values
                 for k, x in leaves.items():
-                    if jnp.issubdtype(x.dtype, jnp.floating) and not bool(np.asarray(
-                            _all_finite(x).addressable_data(0))):
+                    if jnp.issubdtype(x.dtype, jnp.floating) and not _host_int(_all_finite(x)):
                         return f"{name}/{k} holds NaN or inf (the step has no checksum record)"
                 continue
             sums = fingerprints(tree)
