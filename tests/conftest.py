@@ -1,12 +1,27 @@
 """Shared fixtures. Tests run on CPU; sharding tests start their own 8-device subprocesses."""
 
 import os
+import runpy
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = Path(__file__).resolve().parent.parent
+CPU_CONFIG = REPO / "configs/shakespeare_char_cpu.py"
+
+
+def cpu_config(data_dir, overrides: dict, changes: dict | None = None):
+    """configs/shakespeare_char_cpu.py with `overrides` and `changes` ({"model.dtype": ...}) on
+    top, data from `data_dir`: what scripts/train.py builds from the same --config.* flags."""
+    c = runpy.run_path(str(CPU_CONFIG))["get_config"]()
+    c.update_from_flattened_dict({**overrides, "data_dir": str(data_dir), **(changes or {})})
+    return c
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """The step directories orbax lists in workdir/checkpoints, ascending (moved-aside ones not)."""
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
 @pytest.fixture(scope="session")

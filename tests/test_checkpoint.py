@@ -2,7 +2,6 @@
 back past it to exactly the uninterrupted losses; kills at random moments never cost a resume or
 the metrics history; config.json and metrics.jsonl are replaced, never rewritten in place."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import checkpoint_steps, cpu_config
 
 import nanojax as nj
 from nanojax import data
@@ -47,12 +47,7 @@ SYNTH = "".join(_rng.choice(list("abcdefgh ijklmnop\nqrstu"), size=20_000))
 
 def config(data_dir, **extra):
     """configs/shakespeare_char_cpu.py with OVERRIDES: what scripts/train.py builds from flags."""
-    spec = importlib.util.spec_from_file_location("cpu_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.update_from_flattened_dict({**OVERRIDES, "data_dir": str(data_dir), **extra})
-    return c
+    return cpu_config(data_dir, OVERRIDES, extra)
 
 
 def history(workdir):
@@ -69,10 +64,6 @@ def history(workdir):
     return out
 
 
-def steps_on_disk(workdir):
-    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     d = tmp_path_factory.mktemp("synth")
@@ -85,7 +76,7 @@ def baseline(synth, tmp_path_factory, compile_cache):
     """The uninterrupted reference run; every case works on a copy of it."""
     workdir = tmp_path_factory.mktemp("baseline") / "run"
     train(config(synth), workdir, progress=False)
-    assert steps_on_disk(workdir) == [STEPS - 4, STEPS - 2, STEPS]
+    assert checkpoint_steps(workdir) == [STEPS - 4, STEPS - 2, STEPS]
     return workdir
 
 
@@ -192,7 +183,7 @@ def test_a_damaged_step_is_refused_by_name_and_resume_falls_back_to_the_same_los
     # The damaged step was moved aside as it was, and a good one saved in its place.
     [aside] = (work / "checkpoints").glob(f"{STEPS}.corrupt-*")
     assert aside.name in line and _listing(aside) == damaged
-    assert steps_on_disk(work) == [STEPS - 4, STEPS - 2, STEPS]
+    assert checkpoint_steps(work) == [STEPS - 4, STEPS - 2, STEPS]
     nj.load_checkpoint(work, step=STEPS)  # verifies
     # Bit for bit the uninterrupted run's metrics, one line per step.
     assert history(work) == history(baseline)
@@ -219,7 +210,7 @@ def test_every_step_damaged_is_one_error_line_for_sample_and_train(synth, baseli
     metrics = (work / "metrics.jsonl").read_text()
     with pytest.raises(CorruptCheckpointError, match="no checkpoint in .* could be restored.*start over"):
         train(config(synth), work, progress=False)
-    assert steps_on_disk(work) == [] and len(list((work / "checkpoints").glob("*.corrupt-*"))) == 3
+    assert checkpoint_steps(work) == [] and len(list((work / "checkpoints").glob("*.corrupt-*"))) == 3
     assert (work / "metrics.jsonl").read_text() == metrics
 
 
@@ -370,14 +361,14 @@ def test_killed_at_random_moments_always_resumes_to_the_same_losses(synth, basel
     deadline, kills = time.monotonic() + 40, 0
     while kills < 6 and time.monotonic() < deadline:
         config_inode = _inode(work / "config.json")
-        target = max(steps_on_disk(work), default=0) + rng.randint(1, 2) if work.exists() else 1
+        target = max(checkpoint_steps(work), default=0) + rng.randint(1, 2) if work.exists() else 1
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         t0 = time.monotonic()
         while proc.poll() is None and time.monotonic() - t0 < 60:
             if kills % 2 == 0 and _inode(work / "config.json") != config_inode:
                 time.sleep(rng.uniform(0.0, 0.05))
                 break
-            if kills % 2 == 1 and max(steps_on_disk(work), default=0) >= target:
+            if kills % 2 == 1 and max(checkpoint_steps(work), default=0) >= target:
                 time.sleep(rng.uniform(0.0, 0.15))  # saves follow each other ~0.1 s apart
                 break
             time.sleep(0.002)
@@ -391,7 +382,7 @@ def test_killed_at_random_moments_always_resumes_to_the_same_losses(synth, basel
         assert "damaged" not in out, out
         if (work / "metrics.jsonl").exists():
             got = history(work)
-            newest = max(steps_on_disk(work), default=0)
+            newest = max(checkpoint_steps(work), default=0)
             assert got == reference[:len(got)], "metrics differ from the reference run"
             assert {r["step"] for r in got} >= set(range(1, newest + 1)), "history lost"
     assert kills >= 4, f"only {kills} kills landed before the run finished; the test proves little"

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import runpy
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import checkpoint_steps, cpu_config
 
 import nanojax as nj
 from nanojax import data
@@ -79,9 +79,7 @@ TINY = nj.ModelConfig.preset("shakespeare-char-cpu", vocab_size=len(ALPHABET), n
 
 def base_config(data_dir, changes=None):
     """configs/shakespeare_char_cpu.py with OVERRIDES and `changes` ({"model.dtype": ...})."""
-    c = runpy.run_path(str(CONFIG_FILE))["get_config"]()
-    c.update_from_flattened_dict({**OVERRIDES, "data_dir": str(data_dir), **(changes or {})})
-    return c
+    return cpu_config(data_dir, OVERRIDES, changes)
 
 
 def train_cmd(data_dir, workdir, *extra):
@@ -159,10 +157,6 @@ def step_lines(workdir):
 def copy_run(src, dst):
     shutil.copytree(src, dst)
     return dst
-
-
-def ckpt_steps(workdir):
-    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +350,7 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_losses(synth_dat
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     saved = json.loads((run / "config.json").read_text())["train"]
     assert saved == json.loads(json.dumps(base_config(synth_data).to_dict(), default=str))
-    assert ckpt_steps(run) == [4, 8] and losses(run) == {s: expected[s] for s in range(1, 11)}
+    assert checkpoint_steps(run) == [4, 8] and losses(run) == {s: expected[s] for s in range(1, 11)}
 
     # SIGTERM at step 13: saves step 14 and returns.
     s = train_signalled(monkeypatch, base_config(synth_data), run, signal.SIGTERM, 13)
@@ -370,7 +364,7 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_losses(synth_dat
                        text=True, env=two)
     assert p.returncode == 128 + signal.SIGINT, p.stdout[-2000:] + p.stderr[-3000:]
     assert "rerun the same command to resume" in p.stdout
-    assert ckpt_steps(run) == [16, 18]
+    assert checkpoint_steps(run) == [16, 18]
 
     # Back on one device, from the checkpoint the 2-device run wrote: to the end.
     s = train(base_config(synth_data), run, progress=False)
@@ -451,7 +445,7 @@ def test_half_written_and_damaged_checkpoints(synth_data, trained, tmp_path):
     lost its files: each time it resumes from the step before and ends with the reference losses."""
     work = copy_run(trained, tmp_path / "run")
     ckpts = work / "checkpoints"
-    assert ckpt_steps(work) == [STEPS - 4, STEPS]
+    assert checkpoint_steps(work) == [STEPS - 4, STEPS]
     # What an interrupted save leaves behind (a temporary directory) is ignored and cleaned up;
     # the run resumes from the step before and ends as the reference did.
     junk = ckpts / f"{STEPS}.orbax-checkpoint-tmp-1234567"
