@@ -12,7 +12,7 @@ tune_malloc()  # before JAX allocates anything (see nanojax/_malloc.py)
 
 from nanojax.checkpoint import load_checkpoint  # noqa: E402
 from nanojax.config import ModelConfig  # noqa: E402
-from nanojax.generate import generate, generate_stream  # noqa: E402
+from nanojax.infer import generate, generate_stream  # noqa: E402
 from nanojax.interop import load_hf, save_hf  # noqa: E402
 from nanojax.model import forward, init_params, param_axes  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Samplers: greedy, temperature, top-k, top-p, min-p and repetition penalty, on device.
 
-The decode loop (nanojax/generate.py) compiles one `_sample` call into every step: the static
+The decode loop (nanojax/infer/engine.py) compiles one `_sample` call into every step: the static
 choices (`SamplerSpec`) are part of the compiled program and the values (`knobs`) travel as arrays, so
 changing top_p or the temperature reuses the executable. `sample_tokens` is the same sampler as a
 standalone function. Logits are float32 (B, V); the order of the transforms is HF's.

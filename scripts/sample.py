@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nanojax as nj  # noqa: E402
 from nanojax import cli  # noqa: E402
-from nanojax.generate import generate_stream  # noqa: E402
+from nanojax.infer import generate_stream  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training workdir (or use --hf_dir).")
 flags.DEFINE_string("hf_dir", None, "A Hugging Face model dir (config.json, safetensors, tokenizer.json).")

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 
 import nanojax as nj
-from nanojax.generate import generate, generate_stream
+from nanojax.infer import engine as GEN  # the compiled pieces: _decode, _decode_jit
+from nanojax.infer import generate, generate_stream
 from nanojax.model import ParamSpec, param_specs
 from nanojax.sampling import apply_repetition_penalty, sample_tokens
 
 REPO = Path(__file__).resolve().parent.parent
-GEN = sys.modules["nanojax.generate"]  # `nanojax.generate` the attribute is the function
 
 PROMPTS = [[5, 17, 3, 9, 44, 2, 71], [8], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41], [60, 61, 62]]
 
