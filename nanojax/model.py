@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from nanojax.attention import attention
 from nanojax.config import ModelConfig
+from nanojax.dense import dense
 
 Params = dict[str, Any]
 
@@ -137,29 +138,8 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
 
 
 # ----------------------------------------------------------------------------------------------
-# Building blocks. x is always 2-D here: (M, D) with M = B * T.
-
-
-@jax.custom_vjp
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
-    """(M, I) @ (I, O) -> (M, O).
-
-    A custom VJP writes the weight gradient as an explicit 2-D matmul of a transposed operand;
-    the dot XLA derives (contracting dim 0 of both sides) missed the fast CPU matmul library.
-    """
-    return x @ w
-
-
-def _dense_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _dense_bwd(res, g):
-    x, w = res
-    return g @ w.T, (x.T @ g).astype(w.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
+# Building blocks. x is always 2-D here: (M, D) with M = B * T. Weight matrices go through
+# nanojax.dense.dense, the one matmul seam.
 
 
 def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -219,14 +199,14 @@ def block(
 ) -> tuple[jax.Array, Any]:
     """One pre-norm transformer block. x: (B*T, D); positions: (B, T). Returns (x, layer_state)."""
     B, T = positions.shape
-    D, N, K, H = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.resolved_head_dim
+    N, K, H = cfg.n_head, cfg.kv_heads, cfg.resolved_head_dim
     a = p["attn"]
     rngs = jax.random.split(rng, 2) if rng is not None else (None, None)
 
     h = norm(p["ln1"], x, cfg)
-    q = dense(h, _w(a["wq"], cfg).reshape(D, N * H))  # (B*T, N*H)
-    k = dense(h, _w(a["wk"], cfg).reshape(D, K * H))  # (B*T, K*H)
-    v = dense(h, _w(a["wv"], cfg).reshape(D, K * H))
+    q = dense(h, a["wq"], cfg.compute_dtype)  # (B*T, N*H)
+    k = dense(h, a["wk"], cfg.compute_dtype)  # (B*T, K*H)
+    v = dense(h, a["wv"], cfg.compute_dtype)
     if "bq" in a:
         q = q + _w(a["bq"], cfg).reshape(N * H)
         k = k + _w(a["bk"], cfg).reshape(K * H)
@@ -238,7 +218,7 @@ def block(
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
     o, layer_state = attend(q, k, v, layer_state)  # (B, T, N, H)
-    o = dense(o.reshape(B * T, N * H), _w(a["wo"], cfg).reshape(N * H, D))  # (B*T, D)
+    o = dense(o.reshape(B * T, N * H), a["wo"], cfg.compute_dtype)  # (B*T, D)
     if "bo" in a:
         o = o + _w(a["bo"], cfg)
     x = x + _dropout(o, cfg.dropout, rngs[0])
@@ -246,19 +226,19 @@ def block(
     m = p["mlp"]
     h = norm(p["ln2"], x, cfg)
     if cfg.mlp == "swiglu":
-        gate = dense(h, _w(m["w_gate"], cfg))
-        up = dense(h, _w(m["w_up"], cfg))
+        gate = dense(h, m["w_gate"], cfg.compute_dtype)
+        up = dense(h, m["w_up"], cfg.compute_dtype)
         if "b_gate" in m:
             gate, up = gate + _w(m["b_gate"], cfg), up + _w(m["b_up"], cfg)
-        h = dense(jax.nn.silu(gate) * up, _w(m["w_down"], cfg))
+        h = dense(jax.nn.silu(gate) * up, m["w_down"], cfg.compute_dtype)
         if "b_down" in m:
             h = h + _w(m["b_down"], cfg)
     else:
-        h = dense(h, _w(m["w_in"], cfg))
+        h = dense(h, m["w_in"], cfg.compute_dtype)
         if "b_in" in m:
             h = h + _w(m["b_in"], cfg)
         # tanh GELU: GPT-2's own ("gelu_new" in HF), and ~2x cheaper than erf's expansion on CPU.
-        h = dense(jax.nn.gelu(h, approximate=True), _w(m["w_out"], cfg))
+        h = dense(jax.nn.gelu(h, approximate=True), m["w_out"], cfg.compute_dtype)
         if "b_out" in m:
             h = h + _w(m["b_out"], cfg)
     x = x + _dropout(h, cfg.dropout, rngs[1])
@@ -302,11 +282,8 @@ def embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCon
 def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and head. x: (M, D) -> float32 logits (M, V)."""
     x = norm(params["ln_f"], x, cfg)
-    if cfg.tie_embeddings:
-        head = _w(params["wte"], cfg).T  # (D, V)
-    else:
-        head = _w(params["lm_head"], cfg)
-    return dense(x, head).astype(jnp.float32)
+    head = params["wte"].T if cfg.tie_embeddings else params["lm_head"]  # (D, V)
+    return dense(x, head, cfg.compute_dtype).astype(jnp.float32)
 
 
 def hidden_states(
