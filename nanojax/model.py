@@ -276,7 +276,7 @@ def embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCon
     looked-up rows come out split like the batch, not like the table."""
     x = lookup(constrain(params["wte"], ("vocab", None)), tokens, cfg.compute_dtype)  # (B, T, D)
     if cfg.pos_emb == "learned":
-        x = x + jnp.take(constrain(params["wpe"], (None, None)), positions, axis=0)
+        x = x + lookup(constrain(params["wpe"], (None, None)), positions, cfg.compute_dtype)
     return constrain(x.reshape(-1, cfg.d_model).astype(cfg.compute_dtype), ("batch", None))
 
 

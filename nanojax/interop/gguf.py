@@ -91,6 +91,12 @@ def gguf_config(reader: Any, path: Any = "") -> ModelConfig:
         raise GGUFFormatError(f"{path}: GGUF architecture {arch!r} is not supported; nanojax reads "
                               f"{', '.join(SUPPORTED_ARCHS)} (Llama-family) files")
 
+    for t in reader.tensors:  # before anything is built from them
+        if t.tensor_type.name not in SUPPORTED_TYPES:
+            raise GGUFFormatError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, which nanojax "
+                                  f"does not read; supported: {', '.join(SUPPORTED_TYPES)} (re-quantize "
+                                  "with llama.cpp's llama-quantize to Q8_0 or Q4_0)")
+
     def need(key: str) -> Any:
         v = _field(reader, f"{arch}.{key}")
         if v is None:
@@ -104,13 +110,27 @@ def gguf_config(reader: Any, path: Any = "") -> ModelConfig:
     K = int(_field(reader, f"{arch}.attention.head_count_kv", N))
     H = int(_field(reader, f"{arch}.attention.key_length", D // N))
     V = int(names["token_embd.weight"].shape[1])  # ggml shape (D, V)
+    try:
+        return _config(reader, arch, D, N, K, H, V, names, need)
+    except ValueError as e:
+        raise GGUFFormatError(f"{path}: the GGUF metadata describe no valid model ({e})") from None
+
+
+def _config(reader: Any, arch: str, D: int, N: int, K: int, H: int, V: int, names: dict,
+            need: Any) -> ModelConfig:
     return ModelConfig(
         vocab_size=V, n_layer=int(need("block_count")), n_head=N, n_kv_head=K, d_model=D,
         head_dim=None if H * N == D else H, d_ff=int(need("feed_forward_length")),
         max_seq_len=int(_field(reader, f"{arch}.context_length", 2048)), pos_emb="rope",
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)), norm="rmsnorm",
-        norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(_field(reader, f"{arch}.rope.freq_base", 10000.0)), norm="rmsnorm",
+        norm_eps=_f32(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         mlp="swiglu", bias=False, tie_embeddings="output.weight" not in names)
+
+
+def _f32(x: Any) -> float:
+    """A float32 metadata value as the shortest decimal that reads back to it (1e-06, not
+    9.99999997e-07), as the config.json it was converted from had it."""
+    return float(str(np.float32(x)))
 
 
 def _unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -198,11 +218,6 @@ def load_gguf(path: str | os.PathLike) -> tuple[ModelConfig, Params]:
                               f"{missing[:5]}, unexpected {extra[:5]}")
     for name, (_, ggml_shape, _, _) in plan.items():
         t = tensors[name]
-        tname = t.tensor_type.name
-        if tname not in SUPPORTED_TYPES:
-            raise GGUFFormatError(f"{path}: tensor {name!r} has type {tname}, which nanojax does not read; "
-                                  f"supported: {', '.join(SUPPORTED_TYPES)} (re-quantize with llama.cpp's "
-                                  "llama-quantize to Q8_0 or Q4_0)")
         if tuple(int(s) for s in t.shape) != ggml_shape:
             raise GGUFFormatError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected "
                                   f"{ggml_shape} from the metadata")

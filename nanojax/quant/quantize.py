@@ -5,8 +5,8 @@
     logits = nj.forward(qparams, tokens, cfg)                   # forward / generate take it as is
 
 What is quantized: every weight matrix of the blocks (wq wk wv wo, the MLP's), each through its
-2-D (I, O) view; the embedding table and an untied head in int8 (per row, `embeddings=True`).
-Norm scales, biases and learned positions stay float: they are small and sensitive.
+2-D (I, O) view; the embedding tables (tokens, learned positions) and an untied head in int8,
+one scale per row (`embeddings=True`). Norm scales and biases stay float: small and sensitive.
 
 Rounding is symmetric round-to-nearest. int8: scale = max|w| / 127 per group. int4: the scale
 is the group's signed extreme divided by -8, so the extreme lands exactly on -8 and all 16
@@ -84,8 +84,9 @@ def quantize(params: Params, cfg: ModelConfig, scheme: str, group_size: int | No
     scheme: "int8" (symmetric, one scale per output channel, or per `group_size` inputs when
       given) or "int4" (symmetric, group-wise along the input dim; group_size 32, 64 or 128,
       default 32; two values a byte).
-    embeddings: also hold the token embedding (and an untied head) in int8 per row. The
-      embedding lookup then dequantizes only the rows it gathers; a tied head is the same record.
+    embeddings: also hold the token embedding, learned positions and an untied head in int8,
+      one scale per row. The lookup then dequantizes only the rows it gathers; a tied head is
+      the same record as the embedding.
     Scales are in `cfg.compute_dtype`. Every check runs before anything is quantized, so a bad
     request leaves nothing half-done. Raises QuantizeError.
     """
@@ -117,6 +118,9 @@ def quantize(params: Params, cfg: ModelConfig, scheme: str, group_size: int | No
     if embeddings:
         wte = np.asarray(params["wte"], np.float32)  # (V, D): the tied head (D, V) is wte.T
         out["wte"] = QuantizedTable(quantize_matrix(wte.T, 8, None, dtype, wte.T.shape))
+        if "wpe" in params:  # learned positions: a table too, looked up by position
+            wpe = np.asarray(params["wpe"], np.float32)
+            out["wpe"] = QuantizedTable(quantize_matrix(wpe.T, 8, None, dtype, wpe.T.shape))
     return out
 
 
