@@ -83,13 +83,17 @@ class QuantizedMatrix:
         On the CPU backend the fused kernels of nanojax.quant.ffi read the packed weights when
         they are built. Elsewhere: dequantize, then one dot -- on GPU XLA fuses the convert and
         the scale multiply into the dot's operand, so no full-width float copy is made
-        (tests/test_gpu.py checks the compiled temp memory)."""
+        (tests/test_gpu.py checks the compiled temp memory). A per-channel scale multiplies the
+        (M, O) result instead, leaving the dot only a convert to fuse."""
         x = x.astype(dtype)
         if _use_kernels():
             fn = _ffi.int8_matmul if self.bits == 8 else _ffi.int4_matmul
             return fn(x, self.q, self.scale, self.group_size).astype(dtype)
-        w = self.dequantize_t(dtype)  # (O, I)
-        return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+        dims = (((1,), (1,)), ((), ()))  # x (M, I) . w (O, I) -> (M, O)
+        if self.group_size == self.in_features:  # one scale per output: applied after the dot
+            y = jax.lax.dot_general(x, self.values().astype(dtype), dims)
+            return y * self.scale[:, 0].astype(dtype)
+        return jax.lax.dot_general(x, self.dequantize_t(dtype), dims)
 
     @property
     def T(self) -> QuantizedTable:  # noqa: N802 - mirrors ndarray.T
