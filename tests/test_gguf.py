@@ -13,7 +13,20 @@ import jax.numpy as jnp  # noqa: E402
 
 import nanojax as nj  # noqa: E402
 from nanojax.interop.gguf import GGUFFormatError, load_gguf, write_gguf  # noqa: E402
+from nanojax.model import ParamSpec, param_specs  # noqa: E402
 from nanojax.quant import QuantizedMatrix, QuantizedTable  # noqa: E402
+
+
+def np_params(cfg, seed):
+    """Random params from numpy (init_params' threefry costs seconds of compile on CPU)."""
+    rng = np.random.default_rng(seed)
+
+    def make(s):
+        if s.init == "normal":
+            return jnp.asarray(s.std * rng.standard_normal(s.shape), jnp.float32)
+        return jnp.full(s.shape, 1.0 if s.init == "ones" else 0.0, jnp.float32)
+
+    return jax.tree.map(make, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +84,33 @@ def test_blocks_map_without_rerounding(hf_llama):
 
 def test_tied_embeddings_roundtrip(tmp_path):
     cfg = nj.ModelConfig.preset("llama-tiny", d_ff=128, vocab_size=80, tie_embeddings=True)
-    params = nj.init_params(cfg, jax.random.key(1))
+    params = np_params(cfg, 1)
     write_gguf(params, cfg, tmp_path / "t.gguf", "F32")
     cfg2, p2 = load_gguf(tmp_path / "t.gguf")
     assert cfg2.tie_embeddings and "lm_head" not in p2
     toks = jnp.asarray([[1, 5, 9, 79]], jnp.int32)
-    np.testing.assert_allclose(np.asarray(nj.forward(p2, toks, cfg2)),
-                               np.asarray(nj.forward(params, toks, cfg)), atol=1e-5)
+    fwd = jax.jit(nj.forward, static_argnums=2)
+    np.testing.assert_allclose(np.asarray(fwd(p2, toks, cfg2)), np.asarray(fwd(params, toks, cfg)), atol=1e-5)
+
+
+def test_tokenizer_from_the_gguf_vocabulary(hf_llama, tmp_path):
+    """A byte-level BPE written into the GGUF comes back encoding and decoding like the original;
+    a SentencePiece ("llama") vocabulary is refused with the reason."""
+    from nanojax.interop.gguf import load_gguf_tokenizer
+    from nanojax.tokenizer import HFTokenizer
+
+    _, cfg, params = hf_llama
+    tok = HFTokenizer.train_bpe("to be or not to be, that is the question; " * 20, 300)
+    write_gguf(params, cfg, tmp_path / "tok.gguf", "F32", tokenizer=tok)
+    back = load_gguf_tokenizer(tmp_path / "tok.gguf")
+    text = "to be, or not: the question"
+    assert back.encode(text) == tok.encode(text) and back.decode(tok.encode(text)) == text
+
+    w = _tiny_writer(tmp_path / "spm.gguf")
+    w.add_tokenizer_model("llama")
+    _finish(w)
+    with pytest.raises(GGUFFormatError, match=r"tokenizer.ggml.model='llama' is not rebuilt.*tokenizer.json"):
+        load_gguf_tokenizer(tmp_path / "spm.gguf")
 
 
 # ----------------------------------------------------------------------------------------------
