@@ -18,7 +18,6 @@ serves both. Static fields (bits, group size, stored shape) are pytree metadata,
 from __future__ import annotations
 
 import math
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -171,21 +170,11 @@ def pack_int4(values: np.ndarray) -> np.ndarray:
     return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
 
 
-_warned = False
-
-
 def _use_kernels() -> bool:
-    """Whether the C++ kernels take the product: on the CPU backend, when nanojax.quant.ffi is
-    there and built. Warns once when the module is there but could not build its kernels."""
-    global _warned
-    if _ffi is None or jax.default_backend() != "cpu":
-        return False
-    ok = bool(_ffi.kernels_available())
-    if not ok and not _warned:
-        _warned = True
-        warnings.warn("nanojax.quant: the C++ kernels are not available; using the pure-JAX "
-                      "dequantize-then-dot path (same numbers, no speed-up on CPU)", stacklevel=3)
-    return ok
+    """Whether nanojax.quant.ffi takes the product: on the CPU backend, when that module is there.
+    It runs its C++ kernels when they are built and otherwise its own pure-JAX path, warning once
+    (the layout contract of issue 12); on other backends XLA fuses our dequantize into the dot."""
+    return _ffi is not None and jax.default_backend() == "cpu"
 
 
 def matrix_dims(shape: tuple[int, ...], in_dims: int) -> tuple[int, int]:
