@@ -26,6 +26,24 @@ class Weight(Protocol):
     def matmul(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array: ...
 
 
+@runtime_checkable
+class Table(Protocol):
+    """An embedding table (V, D) stored some other way than as a plain array.
+
+    `lookup(ids, dtype)`: int ids (...) -> rows (..., D) in `dtype`; `.T` is the tied head, a
+    `Weight` of logical shape (D, V)."""
+
+    def lookup(self, ids: jax.Array, dtype: jnp.dtype) -> jax.Array: ...
+
+
+def lookup(table: jax.Array | Table, ids: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """Rows of an embedding table: ids int (...) -> (..., D). A plain array's rows keep its dtype
+    (the caller casts once, after adding positions); a `Table` dequantizes them into `dtype`."""
+    if isinstance(table, Table):
+        return table.lookup(ids, dtype)
+    return jnp.take(table, ids, axis=0)
+
+
 def dense(x: jax.Array, w: jax.Array | Weight, dtype: jnp.dtype) -> jax.Array:
     """x (M, I) @ w -> (M, O) in the compute dtype.
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from nanojax.attention import attention
 from nanojax.config import ModelConfig
-from nanojax.dense import dense
+from nanojax.dense import dense, lookup
 
 Params = dict[str, Any]
 
@@ -265,7 +265,8 @@ ACTIVATION_CONSTRAINT: contextvars.ContextVar[ConstrainFn | None] = contextvars.
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Pins activation x's sharding by logical axis names (one per dim), if a mesh is active."""
     fn = ACTIVATION_CONSTRAINT.get()
-    return x if fn is None else fn(x, axes)
+    # A record (a quantized table, ...) is not an array: it is left where it lies.
+    return x if fn is None or not isinstance(x, jax.Array) else fn(x, axes)
 
 
 def embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -273,9 +274,9 @@ def embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCon
 
     Under a mesh the tables are gathered whole along the width first (FSDP's all-gather), so the
     looked-up rows come out split like the batch, not like the table."""
-    x = jnp.take(constrain(params["wte"], ("vocab", None)), tokens, axis=0)  # (B, T, D)
+    x = lookup(constrain(params["wte"], ("vocab", None)), tokens, cfg.compute_dtype)  # (B, T, D)
     if cfg.pos_emb == "learned":
-        x = x + jnp.take(constrain(params["wpe"], (None, None)), positions, axis=0)
+        x = x + lookup(constrain(params["wpe"], (None, None)), positions, cfg.compute_dtype)
     return constrain(x.reshape(-1, cfg.d_model).astype(cfg.compute_dtype), ("batch", None))
 
 

@@ -4,6 +4,9 @@
 #      the MFU peak table, GPU vs CPU logits, gradients and greedy tokens.
 #   1. Llama-2-7B-shaped random bf16 weights, batch 1 decode: tok/s and share of HBM bandwidth.
 #   2. GPT-2 124M bf16 (fp32 master weights) training at 16 x 1024 a step: tokens/s and MFU.
+#   3. The same Llama-2-7B shape decoded with int8 and int4 (group 32) weights (issue 12; the
+#      pure-JAX dequantize path, which XLA fuses into the dot on GPU: tests/test_gpu.py checks
+#      the HLO), against 1.'s bf16 row: the issue asks int8 >= 1.5x, int4 >= 2x.
 #
 #   bash scripts/bench_gpu.sh [OUT_DIR]     # logs to OUT_DIR (default: out/bench_gpu)
 #
@@ -29,3 +32,12 @@ JAX_PLATFORMS=cuda,cpu "$py" -m pytest -m gpu -p no:cacheprovider -q tests/test_
   | grep -v "^I[0-9]" | tee "$out/decode_llama2_7b.txt"
 "$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20 --rounds=3 2>&1 \
   | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16.txt"
+# int8 / int4 decode rows: bench_decode.py's --quant flag (issue 12's benchmark part).
+if "$py" scripts/bench_decode.py --helpfull 2>/dev/null | grep -q -- "--quant"; then
+  for q in int8 int4; do
+    "$py" scripts/bench_decode.py --shapes=llama2-7b --dtype=bfloat16 --no_hf --repeats=3 --quant=$q 2>&1 \
+      | grep -v "^I[0-9]" | tee "$out/decode_llama2_7b_$q.txt"
+  done
+else
+  echo "bench_decode.py has no --quant flag here: the int8/int4 decode rows were not run" | tee "$out/decode_quant.txt"
+fi

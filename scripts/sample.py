@@ -2,6 +2,8 @@
 
     python scripts/sample.py --workdir=out/shakespeare_char_cpu --prompt="ROMEO:" --max_new_tokens=500
     python scripts/sample.py --hf_dir=path/to/gpt2 --prompt="Hello" --temperature=0.7 --top_p=0.9
+    python scripts/sample.py --workdir=out/sc_cpu --quant=int4 --kv_cache_dtype=int8   # quantized
+    python scripts/sample.py --workdir=out/sc_cpu_int8    # a directory written by scripts/quantize.py
 
 --max_new_tokens may exceed the model's context: when the context is full, generation slides on
 (nanoGPT crops to the last block_size tokens; here the context is re-prefilled with its last
@@ -33,6 +35,8 @@ flags.DEFINE_multi_string("stop", [], "Stop at this string (repeatable); it is n
 flags.DEFINE_boolean("stream", True, "Print text as it is generated (--nostream: all at the end).")
 flags.DEFINE_integer("chunk_size", 8, "Tokens per streamed chunk (one compiled decode call each).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("quant", None, ["int8", "int4"], "Quantize the weights on load (int4: group 32).")
+flags.DEFINE_enum("kv_cache_dtype", None, ["int8"], "Hold the KV cache in int8 (per token, kv head).")
 FLAGS = flags.FLAGS
 
 
@@ -41,6 +45,13 @@ def _load():
     if bool(FLAGS.workdir) == bool(FLAGS.hf_dir):
         raise app.UsageError("pass exactly one of --workdir or --hf_dir")
     if FLAGS.workdir:
+        from nanojax.quant.io import is_quantized_dir
+
+        if is_quantized_dir(FLAGS.workdir):  # written by scripts/quantize.py
+            cfg, params, tok = nj.load_quantized(FLAGS.workdir)
+            if tok is None:
+                raise app.UsageError(f"{FLAGS.workdir} holds no tokenizer file")
+            return cfg, params, tok, [], []
         cfg, params, tok = nj.load_checkpoint(FLAGS.workdir)
         return cfg, params, tok, [], []
     try:
@@ -63,6 +74,8 @@ def main(argv):
     if FLAGS.verbosity <= 0:
         logging.set_verbosity(logging.WARNING)  # orbax logs a restore at INFO; --v=1 brings it back
     cfg, params, tok, stop_ids, prefix = _load()
+    if FLAGS.quant:
+        params = nj.quantize(params, cfg, FLAGS.quant)
     ids = prefix + tok.encode(FLAGS.prompt)
     if not ids:
         raise app.UsageError("the prompt encodes to no tokens; pass a non-empty --prompt")
@@ -72,7 +85,8 @@ def main(argv):
         top_k=FLAGS.top_k or None, top_p=FLAGS.top_p, min_p=FLAGS.min_p,
         repetition_penalty=FLAGS.repetition_penalty, stop_tokens=stop_ids, seed=FLAGS.seed,
         chunk_size=FLAGS.chunk_size if FLAGS.stream else max(1, FLAGS.max_new_tokens),
-        stop_strings=FLAGS.stop or None, detokenize=tok.decode, overflow="slide")
+        stop_strings=FLAGS.stop or None, detokenize=tok.decode, overflow="slide",
+        kv_cache_dtype=FLAGS.kv_cache_dtype)
     print(FLAGS.prompt, end="", flush=True)
     new: list[int] = []
     shown = 0

@@ -23,8 +23,12 @@ How one call runs (B prompts of different lengths):
 
 The KV cache, per layer (k, v), each [B*K, W, H] in the compute dtype: row b*K + k is batch row b's
 kv head k, so both attention products are plain batched matmuls over a contiguous cache, with no
-per-token copy of it. The window call that first reaches W pads the cache to W slots once (a
-copy per doubling, ~log2(C) per call); within a window it is donated and written in place.
+per-token copy of it. With kv_cache_dtype="int8" each of k, v is an `Int8KV` record instead:
+int8 values [B*K, W, H] and one float32 scale per token and kv head [B*K, W] (symmetric,
+max|x| / 127 over the head dim, as in KIVI's per-token keys, Liu et al. 2024); the scales are
+applied after the dots, so the cache is never dequantized whole.
+The window call that first reaches W pads the cache to W slots once (a copy per doubling,
+~log2(C) per call); within a window it is donated and written in place.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from nanojax.attention import attention
 from nanojax.config import ModelConfig
@@ -78,16 +83,56 @@ def _accept(state: State, logits: jax.Array, spec: SamplerSpec, knobs: dict[str,
     return state
 
 
+@struct.dataclass
+class Int8KV:
+    """One layer's int8 keys or values: q int8 [B*K, W, H], scale float32 [B*K, W]."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+KV_CACHE_DTYPES = (None, "int8")
+
+
+def _new_cache(shape: tuple[int, int, int], dtype: Any, kv_cache_dtype: str | None) -> Any:
+    if kv_cache_dtype == "int8":
+        return Int8KV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:2], jnp.float32))
+    return jnp.zeros(shape, dtype)
+
+
+def _write(c: Any, x: jax.Array, slot: Any) -> Any:
+    """Writes x [B*K, T, H] into cache c at slot `slot` (quantizing it for an Int8KV)."""
+    if isinstance(c, Int8KV):
+        xf = x.astype(jnp.float32)
+        scale = jnp.max(jnp.abs(xf), axis=-1) / 127.0  # [B*K, T]
+        inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+        q = jnp.clip(jnp.round(xf * inv[..., None]), -127, 127).astype(jnp.int8)
+        return Int8KV(jax.lax.dynamic_update_slice(c.q, q, (0, slot, 0)),
+                      jax.lax.dynamic_update_slice(c.scale, scale, (0, slot)))
+    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, slot, 0))
+
+
+def _grow(c: Any, window: int) -> Any:
+    if isinstance(c, Int8KV):
+        extra = window - c.q.shape[1]
+        return Int8KV(jnp.pad(c.q, ((0, 0), (0, extra), (0, 0))), jnp.pad(c.scale, ((0, 0), (0, extra))))
+    return jnp.pad(c, ((0, 0), (0, window - c.shape[1]), (0, 0)))
+
+
 def _heads_first(x: jax.Array) -> jax.Array:
     """(B, T, K, H) keys or values -> (B*K, T, H), the cache's layout."""
     B, T, K, H = x.shape
     return x.transpose(0, 2, 1, 3).reshape(B * K, T, H)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "spec", "window", "n_out", "debug"))
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "window", "n_out", "debug", "kv_cache_dtype"))
 def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array, round_idx: jax.Array,
              knobs: dict[str, jax.Array], stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
-             window: int, n_out: int, debug: bool) -> tuple[Cache, State]:
+             window: int, n_out: int, debug: bool, kv_cache_dtype: str | None = None) -> tuple[Cache, State]:
     """tokens: int32 (B, P) left-padded; pad: int32 (B,). Returns a cache of `window` slots
     holding the prompts' K/V, and the decode state with the first new token sampled."""
     B, P = tokens.shape
@@ -99,13 +144,12 @@ def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array,
 
     def attend(q, k, v, layer_cache):
         kc, vc = layer_cache
-        kc = jax.lax.dynamic_update_slice(kc, _heads_first(k.astype(kc.dtype)), (0, 0, 0))
-        vc = jax.lax.dynamic_update_slice(vc, _heads_first(v.astype(vc.dtype)), (0, 0, 0))
+        kc, vc = _write(kc, _heads_first(k), 0), _write(vc, _heads_first(v), 0)
         return attention(q, k, v, mask=mask, impl="xla"), (kc, vc)
 
     shape = (B * K, window, H)
-    cache = [(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-             for _ in range(cfg.n_layer)]
+    cache = [(_new_cache(shape, cfg.compute_dtype, kv_cache_dtype),
+              _new_cache(shape, cfg.compute_dtype, kv_cache_dtype)) for _ in range(cfg.n_layer)]
     x, cache = hidden_states(params, tokens, cfg, positions=positions, attend=attend, layer_states=cache)
     last = x.reshape(B, P, cfg.d_model)[:, -1]  # (B, D): every row's prompt ends at slot P - 1
     logits = unembed(params, last, cfg)  # (B, V) float32
@@ -129,11 +173,12 @@ def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array,
     return cache, _accept(state, logits, spec, knobs, stops)
 
 
-def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Array,
-                      pad: jax.Array) -> jax.Array:
+def _decode_attention(q: jax.Array, kc: Any, vc: Any, slot: jax.Array, pad: jax.Array) -> jax.Array:
     """One query per row over cache slots [pad[b], slot] of a W-slot cache.
 
-    q: (B, 1, N, H); kc, vc: (B*K, W, H). Returns (B, 1, N, H). Softmax in float32.
+    q: (B, 1, N, H); kc, vc: (B*K, W, H) arrays or Int8KV records. Returns (B, 1, N, H). Softmax
+    in float32. An Int8KV's per-token scales multiply the scores (keys) and the probabilities
+    (values): the dots read int8 values, scaled after, never a dequantized cache.
     With (batch, kv head) as the one leading batch dimension, both products are batched matmuls
     that read the cache where it lies. Both earlier layouts paid a copy of the window per layer
     per token, because XLA:CPU's dot wants its batch dimensions major: [B, C, K, H] (slot-major,
@@ -146,12 +191,20 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Arra
     K = kc.shape[0] // B
     G = N // K  # query heads per kv head
     qg = q.reshape(B * K, G, H)
-    scores = jnp.einsum("ngh,nwh->ngw", qg, kc, preferred_element_type=jnp.float32) * (H**-0.5)
+    if isinstance(kc, Int8KV):
+        scores = jnp.einsum("ngh,nwh->ngw", qg.astype(jnp.float32), kc.q.astype(jnp.float32))
+        scores = scores * kc.scale[:, None, :] * (H**-0.5)
+    else:
+        scores = jnp.einsum("ngh,nwh->ngw", qg, kc, preferred_element_type=jnp.float32) * (H**-0.5)
     w = jnp.arange(W, dtype=jnp.int32)
     mask = (w[None, :] >= pad[:, None]) & (w[None, :] <= slot)  # (B, W)
     scores = jnp.where(jnp.repeat(mask, K, axis=0)[:, None, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vc.dtype)  # over W
-    out = jnp.einsum("ngw,nwh->ngh", probs, vc)  # (B*K, G, H)
+    probs = jax.nn.softmax(scores, axis=-1)  # over W
+    if isinstance(vc, Int8KV):
+        out = jnp.einsum("ngw,nwh->ngh", probs * vc.scale[:, None, :], vc.q.astype(jnp.float32))
+        out = out.astype(q.dtype)
+    else:
+        out = jnp.einsum("ngw,nwh->ngh", probs.astype(vc.dtype), vc)  # (B*K, G, H)
     return out.reshape(B, 1, N, H)
 
 
@@ -173,8 +226,7 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
 
         def attend(q, k, v, layer_cache):
             kc, vc = layer_cache
-            kc = jax.lax.dynamic_update_slice(kc, _heads_first(k.astype(kc.dtype)), (0, slot, 0))
-            vc = jax.lax.dynamic_update_slice(vc, _heads_first(v.astype(vc.dtype)), (0, slot, 0))
+            kc, vc = _write(kc, _heads_first(k), slot), _write(vc, _heads_first(v), slot)
             return _decode_attention(q, kc, vc, slot, pad), (kc, vc)
 
         positions = (slot - pad)[:, None]  # (B, 1)
@@ -183,10 +235,7 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
         logits = unembed(params, x, cfg)  # (B, V)
         return cache, _accept(st, logits, spec, knobs, stops)
 
-    def grow(c: jax.Array) -> jax.Array:
-        return jnp.pad(c, ((0, 0), (0, window - c.shape[1]), (0, 0)))
-
-    cache = [(grow(kc), grow(vc)) for kc, vc in cache]
+    cache = [(_grow(kc, window), _grow(vc, window)) for kc, vc in cache]
     return jax.lax.while_loop(cond, body, (cache, state))
 
 
@@ -266,7 +315,7 @@ class _Round:
 
 def _start(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, spec: SamplerSpec,
            knobs: dict[str, jax.Array], stops: jax.Array, seed: int, round_idx: int,
-           debug: bool) -> _Round:
+           debug: bool, kv_cache_dtype: str | None = None) -> _Round:
     B = len(prompts)
     longest = max(len(p) for p in prompts)
     P = max(MIN_PROMPT_BUCKET, _next_pow2(longest))
@@ -278,5 +327,6 @@ def _start(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: 
         pad[i] = P - len(p)
     n_out = cache_len - P
     cache, state = _prefill(params, tokens, pad, np.uint32(seed % 2**32), np.int32(round_idx), knobs, stops,
-                            cfg=cfg, spec=spec, window=_windows(P, cache_len)[0], n_out=n_out, debug=debug)
+                            cfg=cfg, spec=spec, window=_windows(P, cache_len)[0], n_out=n_out, debug=debug,
+                            kv_cache_dtype=kv_cache_dtype)
     return _Round(params, cfg, spec, knobs, stops, max_new, cache, state, cache_len, P)

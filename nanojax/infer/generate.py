@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanojax.config import ModelConfig
-from nanojax.infer.engine import _start
+from nanojax.infer.engine import KV_CACHE_DTYPES, _start
 from nanojax.infer.stops import _cut_at_stop_token, _stop_ids, _TextWatch
 from nanojax.model import Params
 from nanojax.sampling import check_sampling, make_spec
@@ -62,7 +62,8 @@ def _check_prompts(prompts: Any, cfg: ModelConfig) -> list[list[int]]:
 def _validate(params: Params, cfg: ModelConfig, prompts: Any, max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float | None, min_p: float | None,
               repetition_penalty: float | None, stop_tokens: Any, overflow: str, chunk_size: int,
-              stop_strings: Any, detokenize: Any) -> tuple[list[list[int]], list[int]]:
+              stop_strings: Any, detokenize: Any,
+              kv_cache_dtype: str | None = None) -> tuple[list[list[int]], list[int]]:
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a nanojax ModelConfig, got {type(cfg).__name__} "
                         "(the argument order is generate(params, cfg, prompts, ...))")
@@ -91,6 +92,9 @@ def _validate(params: Params, cfg: ModelConfig, prompts: Any, max_new_tokens: in
             raise ValueError(f"stop_strings must be a list of non-empty strings, got {stop_strings!r}")
         if detokenize is None:
             raise ValueError("stop_strings need detokenize=tokenizer.decode to turn ids into text")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (None: the compute dtype), "
+                         f"got {kv_cache_dtype!r}")
     wte = params.get("wte") if isinstance(params, dict) else None
     if wte is None or tuple(wte.shape) != (cfg.vocab_size, cfg.d_model):
         raise ValueError(f"params do not match cfg: wte is {getattr(wte, 'shape', None)}, expected "
@@ -119,6 +123,7 @@ def generate_stream(
     stop_strings: Sequence[str] | None = None,
     detokenize: Callable[[list[int]], str] | None = None,
     overflow: str = "error",
+    kv_cache_dtype: str | None = None,
 ) -> Iterator[list[list[int]]]:
     """Like `generate`, but yields the new tokens as they come: one list per prompt per chunk.
 
@@ -136,16 +141,17 @@ def generate_stream(
     """
     prompts, stops = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                                repetition_penalty, stop_tokens, overflow, chunk_size, stop_strings,
-                               detokenize)
+                               detokenize, kv_cache_dtype)
     yield from _stream(params, cfg, prompts, int(max_new_tokens), temperature, top_k, top_p, min_p,
-                       repetition_penalty, stops, seed, int(chunk_size), stop_strings, detokenize)
+                       repetition_penalty, stops, seed, int(chunk_size), stop_strings, detokenize,
+                       kv_cache_dtype=kv_cache_dtype)
 
 
 def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, temperature: float,
             top_k: int | None, top_p: float | None, min_p: float | None,
             repetition_penalty: float | None, stops: list[int], seed: int, chunk_size: int,
             stop_strings: Sequence[str] | None, detokenize: Callable[[list[int]], str] | None,
-            logits_log: list | None = None) -> Iterator[list[list[int]]]:
+            logits_log: list | None = None, kv_cache_dtype: str | None = None) -> Iterator[list[list[int]]]:
     """The validated core of generate_stream: rounds (one per slide) of prefill + decode chunks.
 
     logits_log: when a list, each round appends (rows, float32 logits (B_round, t, V)).
@@ -167,7 +173,7 @@ def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new:
             ctx = [c[-(T // 2):] for c in ctx]  # slide, every row to its last T // 2 tokens
         budget = min(remaining, T - max(len(c) for c in ctx))
         rnd = _start(params, cfg, ctx, budget, spec, knobs, stop_arr, seed, round_idx,
-                     debug=logits_log is not None)
+                     debug=logits_log is not None, kv_cache_dtype=kv_cache_dtype)
         base = [len(generated[b]) for b in rows]
         target = 0
         while True:
@@ -227,6 +233,7 @@ def generate(
     detokenize: Callable[[list[int]], str] | None = None,
     overflow: str = "error",
     return_logits: bool = False,
+    kv_cache_dtype: str | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
     """New tokens for each prompt: a ragged batch in, a ragged list of new token ids out.
 
@@ -248,18 +255,22 @@ def generate(
       stop_strings, detokenize: cut each row before the first stop string in its decoded text.
       return_logits: also return, per prompt, the float32 (n, V) model logits (before any
         sampler) that produced each new token: a debugging and testing aid (costs memory).
+      kv_cache_dtype: None keeps the KV cache in the compute dtype; "int8" stores it as int8
+        with one scale per token and kv head (~4x less cache memory; infer/engine.py).
 
     Returns:
       list of B lists of new token ids (and the logits list when return_logits).
     """
     prompts, stops = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                               repetition_penalty, stop_tokens, overflow, 1, stop_strings, detokenize)
+                               repetition_penalty, stop_tokens, overflow, 1, stop_strings, detokenize,
+                               kv_cache_dtype)
     out: list[list[int]] = [[] for _ in prompts]
     logits_log: list | None = [] if return_logits else None
     # Without stop strings one chunk covers the whole budget: the host syncs once, at the end.
     chunk = 16 if stop_strings else max(1, int(max_new_tokens))
     for part in _stream(params, cfg, prompts, int(max_new_tokens), temperature, top_k, top_p, min_p,
-                        repetition_penalty, stops, seed, chunk, stop_strings, detokenize, logits_log):
+                        repetition_penalty, stops, seed, chunk, stop_strings, detokenize, logits_log,
+                        kv_cache_dtype):
         for b, toks in enumerate(part):
             out[b].extend(toks)
     if logits_log is None:
