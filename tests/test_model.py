@@ -180,8 +180,8 @@ def test_rope_matches_hf_llama_rotary_embedding(theta):
 # remat and scan_layers change the program, not the numbers: each variant's train step
 # (nanojax.train.make_train_step, SGD at rate 1 so the update is minus the gradient) is traced,
 # lowered, compiled and run once; the tests below read both the numbers and the program.
-LAYER_VARIANTS = {"loop": {}, "remat": {"remat": True}, "scan": {"scan_layers": True},
-                  "scan+remat": {"scan_layers": True, "remat": True}}
+LAYER_VARIANTS = {"loop": {}, "remat": {"remat": "full"}, "scan": {"scan_layers": True},
+                  "scan+remat": {"scan_layers": True, "remat": "full"}}
 
 
 def _sub_jaxprs(eqn):
@@ -277,7 +277,7 @@ def test_remat_and_scan_layers_show_in_the_program(layer_variants):
     step (forward, backward), and XLA while loops of trip count L in the compiled step. Off: none.
     In compiled llama steps remat adds dots (the forward is recomputed in the backward)."""
     for name, v in layer_variants.items():
-        L, remat, scan = v["cfg"].n_layer, v["cfg"].remat, v["cfg"].scan_layers
+        L, remat, scan = v["cfg"].n_layer, v["cfg"].remat != "none", v["cfg"].scan_layers
         assert layer_structure(v["forward"]) == (L if remat else 0, [L] if scan else []), name
         assert layer_structure(v["step"]) == (L if remat else 0, [L, L] if scan else []), name
         assert ("optimization_barrier" in v["lowered"]) == remat, name
