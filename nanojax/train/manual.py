@@ -141,6 +141,8 @@ def local_loss_sum(params: Params, specs: Params, x: jax.Array, y: jax.Array, cf
     device's rows and token range; params: its shards; specs: their PartitionSpecs."""
     B, T = x.shape
     tensor, seq = mesh_shape["tensor"], mesh_shape["sequence"]
+    if T * seq > cfg.max_seq_len:
+        raise ValueError(f"sequence length {T * seq} exceeds max_seq_len={cfg.max_seq_len}")
     start = jax.lax.axis_index("sequence") * T if seq > 1 else 0
     positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))  # global positions
     top = {k: gather_leaf(v, specs[k], whole=True) if not isinstance(v, dict) else
