@@ -125,6 +125,8 @@ CONFIG_CASES = {
     "seq_len_vs_sequence": ({"sharding_mode": "manual", "mesh.data": 1, "mesh.sequence": 3}, 3, 1,
                             [["model.max_seq_len=16", "mesh.sequence=3", "max_seq_len=18",
                               "--config.mesh.sequence=2"]]),
+    "sequence_across_processes": ({"sharding_mode": "manual", "mesh.data": 1, "mesh.sequence": 2}, 2, 2,
+                                  [["mesh.sequence=2", "2 processes", "mesh.data x mesh.fsdp = 1"]]),
     "manual_kv_heads_vs_tensor": ({"sharding_mode": "manual", "model.n_kv_head": 1, "mesh.data": 1,
                                    "mesh.tensor": 2}, 2, 1, [["model.n_kv_head=1", "mesh.tensor=2"]]),
     "manual_mlp_vs_tensor": ({"sharding_mode": "manual", "model.d_ff": 30, "mesh.data": 1, "mesh.tensor": 4},

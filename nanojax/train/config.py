@@ -203,7 +203,7 @@ def _check_data_dir(config: ml_collections.ConfigDict, problems: list[str]) -> N
 
 
 def _check_parallelism(config: ml_collections.ConfigDict, sizes: dict[str, int], mode: str,
-                       problems: list[str]) -> None:
+                       n_proc: int, problems: list[str]) -> None:
     """What sequence and manual tensor parallelism need of the model (sizes: the resolved mesh)."""
     model = config.get("model")
     if not isinstance(model, ml_collections.ConfigDict) or any(p.startswith("model") for p in problems):
@@ -218,6 +218,11 @@ def _check_parallelism(config: ml_collections.ConfigDict, sizes: dict[str, int],
         problems.append(f"model.max_seq_len={T}: not divisible by mesh.sequence={seq} (each sequence "
                         f"rank holds an equal block of tokens); set --config.model.max_seq_len="
                         f"{-(-T // seq) * seq}, or --config.mesh.sequence={down}")
+    if seq > 1 and n_proc > 1 and (sizes["data"] * sizes["fsdp"]) % n_proc:
+        problems.append(f"mesh.sequence={seq}: each of the {n_proc} processes loads whole rows, so the "
+                        f"processes must split the batch (mesh.data x mesh.fsdp = "
+                        f"{sizes['data'] * sizes['fsdp']}, a multiple of {n_proc}), not the tokens; "
+                        "raise --config.mesh.data or --config.mesh.fsdp")
     if mode != "manual":
         return
     if model.get("dropout"):
@@ -367,7 +372,7 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
                         f"multiple of {sizes['tensor']} heads")
 
     if sizes:
-        _check_parallelism(config, sizes, mode, problems)
+        _check_parallelism(config, sizes, mode, n_processes, problems)
     _check_data_dir(config, problems)
     if problems:
         raise ConfigError(problems)
