@@ -16,6 +16,11 @@ from typing import Any, Literal
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Gradient-checkpointing policies, each a jax.checkpoint_policies policy applied per block
+# (nanojax.model.remat_policy): none, full (nothing saved), dots (matmul outputs saved),
+# dots_no_batch (matmuls without batch dims saved: the dense layers, not attention's scores),
+# names (only the tensors the block names with checkpoint_name: attention and MLP outputs).
+REMAT = ("none", "full", "dots", "dots_no_batch", "names")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +50,15 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of params (optimizer moments follow it)
     scan_layers: bool = False  # stack layers inside the jit and lax.scan them (deep models, compile time)
-    remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
+    # Which activations each block keeps for the backward pass; the rest are recomputed (REMAT).
+    # "none" keeps all; "full" keeps only the block's input. Old configs' true/false mean full/none.
+    remat: str = "none"
     attn_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention where it runs
     init_std: float = 0.02  # normal init of weights; residual projections are scaled by 1/sqrt(2L)
 
     def __post_init__(self) -> None:
+        if isinstance(self.remat, bool):  # config.json files written before remat took a policy name
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         errors = []
         for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
             if getattr(self, name) <= 0:
@@ -69,6 +78,7 @@ class ModelConfig:
             ("norm", ("layernorm", "rmsnorm")),
             ("mlp", ("gelu", "swiglu")),
             ("attn_impl", ("auto", "xla", "cudnn")),
+            ("remat", REMAT),
         ):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name}={getattr(self, name)!r}; expected one of {allowed}")

@@ -26,10 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.ad_checkpoint
 import jax.numpy as jnp
 
 from nanojax.attention import attention
-from nanojax.config import ModelConfig
+from nanojax.config import REMAT, ModelConfig
 from nanojax.dense import dense, lookup
 
 Params = dict[str, Any]
@@ -184,8 +185,52 @@ def _w(a: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 # An attention callable: (q (B,T,N,H), k (B,T,K,H), v (B,T,K,H), layer_state) -> (out, new_state).
-# Training uses plain causal attention; generate.py passes one that reads and writes a KV cache.
+# Training uses plain causal attention; generate.py passes one that reads and writes a KV cache;
+# the manual sharded step passes ring attention over the sequence shards.
 AttendFn = Callable[[jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockComms:
+    """Where Megatron tensor parallelism communicates inside a block (Shoeybi et al. 2019, sec. 3,
+    their f and g). `enter` takes the normed input of the column-split projections (q/k/v, MLP
+    in); `leave` takes the row-split projections' partial outputs (attention out, MLP down)
+    before their bias. nanojax.train.manual supplies them; None in `block` means no calls."""
+
+    enter: Callable[[jax.Array], jax.Array]  # (M, D) -> (M, D): identity forward
+    leave: Callable[[jax.Array], jax.Array]  # (M, D) partial sums -> (M, D) full sums
+
+
+def checkpoint_name(x: jax.Array, name: str) -> jax.Array:
+    """Names x for the remat policy "names" (an identity outside jax.checkpoint)."""
+    return jax.ad_checkpoint.checkpoint_name(x, name)
+
+
+# Names the "names" policy saves: attention's output before its projection (recomputing it means
+# recomputing attention) and the MLP's activated hidden layer (the widest tensor of a block).
+REMAT_SAVED_NAMES = ("attn_context", "mlp_hidden")
+
+
+def remat_policy(name: str) -> Callable | None:
+    """The jax.checkpoint_policies policy for a ModelConfig.remat name; None for "none"."""
+    cp = jax.checkpoint_policies
+    policies = {
+        "none": None,
+        "full": cp.nothing_saveable,
+        "dots": cp.dots_saveable,
+        "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+        "names": cp.save_only_these_names(*REMAT_SAVED_NAMES),
+    }
+    if name not in policies:
+        raise ValueError(f"remat={name!r}; expected one of {REMAT}")
+    return policies[name]
+
+
+def remat_block(fn: Callable, cfg: ModelConfig) -> Callable:
+    """fn wrapped in jax.checkpoint with cfg.remat's policy (fn itself for "none")."""
+    if cfg.remat == "none":
+        return fn
+    return jax.checkpoint(fn, policy=remat_policy(cfg.remat))
 
 
 def block(
@@ -196,14 +241,21 @@ def block(
     attend: AttendFn,
     layer_state: Any = None,
     rng: jax.Array | None = None,
+    comms: BlockComms | None = None,
 ) -> tuple[jax.Array, Any]:
-    """One pre-norm transformer block. x: (B*T, D); positions: (B, T). Returns (x, layer_state)."""
+    """One pre-norm transformer block. x: (B*T, D); positions: (B, T). Returns (x, layer_state).
+
+    comms: tensor parallelism's two collectives (BlockComms); None on one device and under jit,
+    where the partitioner places them. With comms, cfg's n_head, n_kv_head and d_ff are this
+    rank's shares."""
     B, T = positions.shape
     N, K, H = cfg.n_head, cfg.kv_heads, cfg.resolved_head_dim
     a = p["attn"]
     rngs = jax.random.split(rng, 2) if rng is not None else (None, None)
 
     h = norm(p["ln1"], x, cfg)
+    if comms is not None:
+        h = comms.enter(h)
     q = dense(h, a["wq"], cfg.compute_dtype)  # (B*T, N*H)
     k = dense(h, a["wk"], cfg.compute_dtype)  # (B*T, K*H)
     v = dense(h, a["wv"], cfg.compute_dtype)
@@ -218,19 +270,26 @@ def block(
         q = rope(q, positions, cfg.rope_theta)
         k = rope(k, positions, cfg.rope_theta)
     o, layer_state = attend(q, k, v, layer_state)  # (B, T, N, H)
+    o = checkpoint_name(o, "attn_context")
     o = dense(o.reshape(B * T, N * H), a["wo"], cfg.compute_dtype)  # (B*T, D)
+    if comms is not None:
+        o = comms.leave(o)
     if "bo" in a:
         o = o + _w(a["bo"], cfg)
     x = x + _dropout(o, cfg.dropout, rngs[0])
 
     m = p["mlp"]
     h = norm(p["ln2"], x, cfg)
+    if comms is not None:
+        h = comms.enter(h)
     if cfg.mlp == "swiglu":
         gate = dense(h, m["w_gate"], cfg.compute_dtype)
         up = dense(h, m["w_up"], cfg.compute_dtype)
         if "b_gate" in m:
             gate, up = gate + _w(m["b_gate"], cfg), up + _w(m["b_up"], cfg)
-        h = dense(jax.nn.silu(gate) * up, m["w_down"], cfg.compute_dtype)
+        h = dense(checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden"), m["w_down"], cfg.compute_dtype)
+        if comms is not None:
+            h = comms.leave(h)
         if "b_down" in m:
             h = h + _w(m["b_down"], cfg)
     else:
@@ -238,7 +297,10 @@ def block(
         if "b_in" in m:
             h = h + _w(m["b_in"], cfg)
         # tanh GELU: GPT-2's own ("gelu_new" in HF), and ~2x cheaper than erf's expansion on CPU.
-        h = dense(jax.nn.gelu(h, approximate=True), m["w_out"], cfg.compute_dtype)
+        h = dense(checkpoint_name(jax.nn.gelu(h, approximate=True), "mlp_hidden"), m["w_out"],
+                  cfg.compute_dtype)
+        if comms is not None:
+            h = comms.leave(h)
         if "b_out" in m:
             h = h + _w(m["b_out"], cfg)
     x = x + _dropout(h, cfg.dropout, rngs[1])
@@ -310,8 +372,7 @@ def hidden_states(
     def run_block(p, x, state, rng):
         return block(p, x, cfg, positions, attend, state, rng)
 
-    if cfg.remat:
-        run_block = jax.checkpoint(run_block, policy=jax.checkpoint_policies.nothing_saveable)
+    run_block = remat_block(run_block, cfg)
 
     L = cfg.n_layer
     layer_rngs = [None] * L if rng_layers is None else list(jax.random.split(rng_layers, L))

@@ -1,4 +1,4 @@
-"""Sharding by name: logical param axes -> mesh axes `data`, `fsdp`, `tensor`.
+"""Sharding by name: logical param axes -> mesh axes `data`, `fsdp`, `sequence`, `tensor`.
 
 Model code never names a mesh axis. Every param leaf carries logical axes
 (`nanojax.model.param_axes`); `RULES` maps each logical name to a mesh axis; the train step takes
@@ -24,7 +24,10 @@ from jax.sharding import PartitionSpec as P
 from nanojax.config import ModelConfig
 from nanojax.model import ACTIVATION_CONSTRAINT, ParamSpec, param_specs
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# data: batch replicas; fsdp: batch replicas whose params are split too; sequence: the token axis
+# T (context parallelism, manual mode's ring attention); tensor: heads and MLP width (Megatron).
+# Tensor is innermost, so its ranks are neighbours: it talks twice per block.
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # logical axis -> mesh axis (or a tuple of mesh axes, or None for replicated)
 RULES: dict[str, Any] = {
@@ -39,11 +42,13 @@ RULES: dict[str, Any] = {
 }
 
 
-def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, int, int]:
-    """The (data, fsdp, tensor) sizes of a mesh over n_devices; one size may be -1 to take what
-    the others leave. Raises ValueError naming the sizes and the device count when they don't fit
-    (validate_config reports it as one of a config's problems; make_mesh raises it)."""
-    sizes = [data, fsdp, tensor]
+def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int, sequence: int = 1) -> tuple[int, ...]:
+    """The sizes of a mesh over n_devices, in MESH_AXES order (data, fsdp, sequence, tensor); one
+    size may be -1 to take what the others leave. Raises ValueError naming the sizes and the
+    device count when they don't fit (validate_config reports it as one of a config's problems;
+    make_mesh raises it)."""
+    given = {"data": data, "fsdp": fsdp, "sequence": sequence, "tensor": tensor}
+    sizes = [given[a] for a in MESH_AXES]
     shown = " x ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes, strict=True))
     fixed = math.prod(s for s in sizes if s != -1)
     if sizes.count(-1) > 1:
@@ -56,14 +61,15 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> tuple[int, 
     elif fixed != n_devices:
         raise ValueError(f"{shown}: that is {fixed} devices, but {n_devices} are available (this run "
                          f"has {n_devices}); make the product {n_devices}, or set one size to -1")
-    return sizes[0], sizes[1], sizes[2]
+    return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Any = None) -> jax.sharding.Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 to take the rest."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Any = None, *,
+              sequence: int = 1) -> jax.sharding.Mesh:
+    """A (data, fsdp, sequence, tensor) mesh over all devices; one size may be -1 to take the rest."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = mesh_sizes(data, fsdp, tensor, len(devices))
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    sizes = mesh_sizes(data, fsdp, tensor, len(devices), sequence)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def logical_to_spec(

@@ -7,6 +7,7 @@
 #   3. The same Llama-2-7B shape decoded with int8 and int4 (group 32) weights (issue 12; the
 #      pure-JAX dequantize path, which XLA fuses into the dot on GPU: tests/test_gpu.py checks
 #      the HLO), against 1.'s bf16 row: the issue asks int8 >= 1.5x, int4 >= 2x.
+#   4. GPT-2 124M with remat=full, in the auto (jit) and the manual (shard_map) step (docs/sharding.md).
 #
 #   bash scripts/bench_gpu.sh [OUT_DIR]     # logs to OUT_DIR (default: out/bench_gpu)
 #
@@ -41,3 +42,7 @@ if "$py" scripts/bench_decode.py --helpfull 2>/dev/null | grep -q -- "--quant"; 
 else
   echo "bench_decode.py has no --quant flag here: the int8/int4 decode rows were not run" | tee "$out/decode_quant.txt"
 fi
+for mode in auto manual; do
+  "$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20 --rounds=3 \
+    --sharding_mode=$mode --remat=full 2>&1 | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16_remat_full_$mode.txt"
+done

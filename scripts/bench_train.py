@@ -53,6 +53,9 @@ flags.DEFINE_integer("vocab_size", 0, "Model vocabulary (0: the preset's; e.g. 5
                      "to a multiple of 64 as nanoGPT does).")
 flags.DEFINE_string("profile_dir", "", "Also trace 3 nanojax steps per shape into this folder and "
                     "print where their time went by XLA op.")
+flags.DEFINE_enum("sharding_mode", "auto", ["auto", "manual"], "The jit step or the shard_map step.")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch", "names"],
+                  "Gradient checkpointing policy per block.")
 FLAGS = flags.FLAGS
 
 
@@ -60,7 +63,8 @@ def nanojax_stepper(preset, B, T, dtype, vocab_size=0):
     # HF GPT-2 has biases; params stay fp32 (the master copy) whatever the compute dtype.
     extra = {"vocab_size": vocab_size} if vocab_size else {}
     config = default_config(preset, bias=True, dropout=0.0, max_seq_len=T, dtype=dtype, **extra)
-    config.update(batch_size=B, max_steps=10_000, warmup_steps=10)
+    config.update(batch_size=B, max_steps=10_000, warmup_steps=10, sharding_mode=FLAGS.sharding_mode,
+                  remat=FLAGS.remat)
     cfg = model_config_from(config)
     run = build(config, cfg)
     state = list(run.init_fn(jax.random.key(0)))

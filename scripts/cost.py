@@ -4,15 +4,28 @@
     python scripts/cost.py --config=configs/gpt2_124m.py --config.grad_accum=1 --config.batch_size=2
 
 Prints cost_analysis() FLOPs and bytes next to nanojax's analytic FLOPs (metrics.flops_per_token),
-and memory_analysis(): arguments (params + optimizer state + batch), outputs and temporaries.
+and memory_analysis(): arguments (params + optimizer state + batch), outputs and temporaries, per
+device. Any mesh, on simulated CPU devices (--devices=N, set before JAX starts):
+
+    python scripts/cost.py --config=configs/gpt2_124m.py --devices=8 --config.mesh.data=1 \
+        --config.mesh.fsdp=8 --config.sharding_mode=manual --config.remat=full --config.batch_size=8
 """
 
+import os
+import re
 import sys
 from pathlib import Path
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+# --devices must reach XLA before jax is imported.
+_devices = next((m.group(1) for a in sys.argv if (m := re.fullmatch(r"--devices=(\d+)", a))), None)
+if _devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={_devices}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -22,6 +35,7 @@ from nanojax.metrics import flops_per_token  # noqa: E402
 from nanojax.train import build, model_config_from  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (for --config.mesh.* meshes).")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -50,6 +64,8 @@ def step_cost(config) -> dict:
         "xla_flops": ca.get("flops", float("nan")),
         "xla_bytes": ca.get("bytes accessed", float("nan")),
         "memory": mem,
+        "mesh": run.mesh,
+        "mode": config.get("sharding_mode", "auto"),
         "param_bytes": nbytes(params),
         "opt_bytes": nbytes(opt_state),
     }
@@ -66,10 +82,16 @@ def main(argv):
           f"{c['analytic_flops']:.4g} (ratio {c['xla_flops'] / c['analytic_flops']:.3f})")
     print(f"bytes accessed per step (XLA): {c['xla_bytes'] / gib:.3f} GiB")
     print(f"state: params {c['param_bytes'] / gib:.3f} GiB, optimizer {c['opt_bytes'] / gib:.3f} GiB")
+    mesh = ", ".join(f"{a}={n}" for a, n in c["mesh"].shape.items())
+    print(f"mesh: {mesh} ({c['mesh'].size} devices), sharding_mode={c['mode']}, remat={cfg.remat}")
     if mem is not None:
-        print(f"memory: arguments {mem.argument_size_in_bytes / gib:.3f} GiB (params + optimizer + batch), "
-              f"outputs {mem.output_size_in_bytes / gib:.3f} GiB, aliased (donated) "
-              f"{mem.alias_size_in_bytes / gib:.3f} GiB, temporaries {mem.temp_size_in_bytes / gib:.3f} GiB")
+        mib = 2.0**20
+        print(f"memory per device: arguments {mem.argument_size_in_bytes / mib:.3f} MiB (params + optimizer "
+              f"+ batch), outputs {mem.output_size_in_bytes / mib:.3f} MiB, aliased (donated) "
+              f"{mem.alias_size_in_bytes / mib:.3f} MiB, temporaries {mem.temp_size_in_bytes / mib:.3f} MiB")
+        whole = c["param_bytes"] + c["opt_bytes"]
+        print(f"  params + optimizer whole: {whole / mib:.3f} MiB; per device they are "
+              f"{mem.argument_size_in_bytes / whole:.3f} of it (arguments include the batch)")
 
 
 if __name__ == "__main__":

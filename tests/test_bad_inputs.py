@@ -120,6 +120,21 @@ CONFIG_CASES = {
     "mesh_two_free": ({"mesh.fsdp": -1}, 8, 1, [["mesh.data=-1", "mesh.fsdp=-1", "at most one"]]),
     "mesh_zero": ({"mesh.tensor": 0}, 8, 1, [["mesh.tensor=0", "--config.mesh.tensor"]]),
     "profile": ({"profile": "5"}, 1, 1, [["profile='5'", "START:END"]]),
+    "sequence_needs_manual": ({"mesh.data": 1, "mesh.sequence": 2}, 2, 1,
+                              [["mesh.sequence=2", "--config.sharding_mode=manual"]]),
+    "seq_len_vs_sequence": ({"sharding_mode": "manual", "mesh.data": 1, "mesh.sequence": 3}, 3, 1,
+                            [["model.max_seq_len=16", "mesh.sequence=3", "max_seq_len=18",
+                              "--config.mesh.sequence=2"]]),
+    "sequence_across_processes": ({"sharding_mode": "manual", "mesh.data": 1, "mesh.sequence": 2}, 2, 2,
+                                  [["mesh.sequence=2", "2 processes", "mesh.data x mesh.fsdp = 1"]]),
+    "manual_kv_heads_vs_tensor": ({"sharding_mode": "manual", "model.n_kv_head": 1, "mesh.data": 1,
+                                   "mesh.tensor": 2}, 2, 1, [["model.n_kv_head=1", "mesh.tensor=2"]]),
+    "manual_mlp_vs_tensor": ({"sharding_mode": "manual", "model.d_ff": 30, "mesh.data": 1, "mesh.tensor": 4},
+                             4, 1, [["model.d_ff=30", "mesh.tensor=4", "multiple of 4"]]),
+    "manual_dropout": ({"sharding_mode": "manual", "model.dropout": 0.1}, 1, 1,
+                       [["model.dropout=0.1", "--config.sharding_mode=auto"]]),
+    "mode_and_remat": ({"sharding_mode": "magic", "remat": "most"}, 1, 1,
+                       [["sharding_mode='magic'", "auto", "manual"], ["remat='most'", "dots_no_batch"]]),
     "vocab_below_data": ({"model.vocab_size": 10}, 1, 1,
                          [["model.vocab_size=10", "has 23 tokens but model.vocab_size=10"]]),
     "context_above_data": ({"model.max_seq_len": 1000}, 1, 1,
@@ -151,6 +166,9 @@ def test_good_configs_pass(synth_data):
                     n_devices=4, n_processes=2)
     validate_config(small_config(synth_data, **{"model.n_kv_head": 2, "mesh.tensor": 2, "lr": 1e12,
                                                 "grad_clip": 0.0, "warmup_steps": 0}), n_devices=2)
+    validate_config(small_config(synth_data, **{"sharding_mode": "manual", "remat": "dots", "mesh.data": 1,
+                                                "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.sequence": 2}),
+                    n_devices=8, n_processes=1)
     for path in ("configs/shakespeare_char_cpu.py", "configs/shakespeare_char.py", "configs/gpt2_124m.py"):
         spec = {}
         exec(compile((REPO / path).read_text(), path, "exec"), spec)  # noqa: S102  (our own configs)

@@ -180,8 +180,8 @@ def test_rope_matches_hf_llama_rotary_embedding(theta):
 # remat and scan_layers change the program, not the numbers: each variant's train step
 # (nanojax.train.make_train_step, SGD at rate 1 so the update is minus the gradient) is traced,
 # lowered, compiled and run once; the tests below read both the numbers and the program.
-LAYER_VARIANTS = {"loop": {}, "remat": {"remat": True}, "scan": {"scan_layers": True},
-                  "scan+remat": {"scan_layers": True, "remat": True}}
+LAYER_VARIANTS = {"loop": {}, "remat": {"remat": "full"}, "scan": {"scan_layers": True},
+                  "scan+remat": {"scan_layers": True, "remat": "full"}}
 
 
 def _sub_jaxprs(eqn):
@@ -277,7 +277,7 @@ def test_remat_and_scan_layers_show_in_the_program(layer_variants):
     step (forward, backward), and XLA while loops of trip count L in the compiled step. Off: none.
     In compiled llama steps remat adds dots (the forward is recomputed in the backward)."""
     for name, v in layer_variants.items():
-        L, remat, scan = v["cfg"].n_layer, v["cfg"].remat, v["cfg"].scan_layers
+        L, remat, scan = v["cfg"].n_layer, v["cfg"].remat != "none", v["cfg"].scan_layers
         assert layer_structure(v["forward"]) == (L if remat else 0, [L] if scan else []), name
         assert layer_structure(v["step"]) == (L if remat else 0, [L, L] if scan else []), name
         assert ("optimization_barrier" in v["lowered"]) == remat, name
@@ -310,3 +310,56 @@ def test_config_errors_are_clear():
         nj.ModelConfig(n_head=5, d_model=32)
     with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
         nj.forward(init(TINY_GPT), tokens(1, 17), TINY_GPT)
+
+
+
+def test_every_remat_policy_gives_the_same_loss_and_gradients():
+    """Each ModelConfig.remat name puts its jax.checkpoint_policies policy on every block (read
+    back from the jaxpr, asked what it saves: a dot with batch dims, one without, a named
+    tensor) and changes no number against remat="none"."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    cfg0 = TINY_LLAMA.replace(n_layer=1)
+    params, x = init(cfg0), tokens(2, 8)
+    dot = jax.make_jaxpr(lambda a, b: a @ b)(jnp.ones((2, 3)), jnp.ones((3, 4))).eqns[0]
+    bdot = jax.make_jaxpr(lambda a, b: jnp.einsum("bij,bjk->bik", a, b))(jnp.ones((2, 2, 3)),
+                                                                          jnp.ones((2, 3, 4))).eqns[0]
+    named = jax.make_jaxpr(lambda a: checkpoint_name(a, "attn_context"))(jnp.ones(2)).eqns[0]
+    other = jax.make_jaxpr(lambda a: checkpoint_name(a, "other"))(jnp.ones(2)).eqns[0]
+    # what each policy keeps of (a plain dot, a batched dot, the name attn_context, another name)
+    keeps = {"full": (False, False, False, False), "dots": (True, True, False, False),
+             "dots_no_batch": (True, False, False, False), "names": (False, False, True, False)}
+
+    def saves(policy, eqn):
+        return bool(policy(eqn.primitive, *[v.aval for v in eqn.invars], **eqn.params))
+
+    def loss(p, cfg):
+        return nj.forward(p, x, cfg).mean()
+
+    ref = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg0)
+    remat = _remat_primitive()
+    for name, expected in keeps.items():
+        cfg = cfg0.replace(remat=name)
+        eqns = [e for e in all_equations(jax.make_jaxpr(lambda p, c=cfg: loss(p, c))(params))
+                if e.primitive is remat]
+        assert len(eqns) == cfg.n_layer, name
+        policy = eqns[0].params["policy"]
+        assert tuple(saves(policy, e) for e in (dot, bdot, named, other)) == expected, name
+        got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg)
+        chex.assert_trees_all_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_old_remat_booleans_load_as_policies(tmp_path):
+    """config.json files written when remat was a bool: true is "full", false "none", both through
+    ModelConfig.from_dict (load_checkpoint, load_hf) and the resume check of a workdir."""
+    import json
+
+    from nanojax.train.loop import _check_workdir
+
+    assert nj.ModelConfig.from_dict({**TINY_GPT.to_dict(), "remat": True}).remat == "full"
+    assert nj.ModelConfig.from_dict({**TINY_GPT.to_dict(), "remat": False}).remat == "none"
+    assert nj.ModelConfig(remat=True) == nj.ModelConfig(remat="full")
+    with pytest.raises(ValueError, match="remat='some'"):
+        nj.ModelConfig(remat="some")
+    (tmp_path / "config.json").write_text(json.dumps({"model": {**TINY_GPT.to_dict(), "remat": True}}))
+    _check_workdir(tmp_path, TINY_GPT.replace(remat="full"))  # the same model: no error

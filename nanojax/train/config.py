@@ -16,7 +16,7 @@ import numpy as np
 
 from nanojax import data as data_lib
 from nanojax import sharding as shd
-from nanojax.config import ModelConfig
+from nanojax.config import REMAT, ModelConfig
 
 
 def default_config(preset: str = "gpt2-small", **model_overrides: Any) -> ml_collections.ConfigDict:
@@ -59,13 +59,23 @@ def default_config(preset: str = "gpt2-small", **model_overrides: Any) -> ml_col
     c.ckpt_every = 250
     c.keep_checkpoints = 2
     c.profile = ""  # "START:END": write a jax.profiler trace of those steps to workdir/profile
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Sizes of the device mesh's axes (docs/sharding.md); one may be -1 for the rest of the devices.
+    # sequence splits the context (ring attention) and needs sharding_mode="manual".
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    # "auto": jit + shardings, the compiler places the collectives; "manual": jax.shard_map with
+    # each collective written out (nanojax/train/manual.py). Same numbers, same checkpoints.
+    c.sharding_mode = "auto"
+    # Gradient checkpointing per block: none|full|dots|dots_no_batch|names (ModelConfig.remat);
+    # when set it replaces model.remat.
+    c.remat = ml_collections.config_dict.placeholder(str)
     return c
 
 
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: int | None = None) -> ModelConfig:
     """ModelConfig from `config.model`; vocab_size 0 there means 'take it from the data'."""
     d = dict(config.model.to_dict())
+    if config.get("remat") is not None:
+        d["remat"] = config.remat
     if not d.get("vocab_size") and vocab_size:
         d["vocab_size"] = vocab_size
     return ModelConfig.from_dict(d)
@@ -125,7 +135,8 @@ _RANGES: tuple[tuple[str, bool, float, bool, float | None, str], ...] = (
     ("model.rope_theta", False, 0, False, None, "the RoPE base"),
     ("model.init_std", False, 0, True, None, "std of the normal init"),
 )
-_OPTIONAL = ("profile", "keep_checkpoints", "eval_full_at_end")  # train() reads these with a default
+# train() reads these with a default
+_OPTIONAL = ("profile", "keep_checkpoints", "eval_full_at_end", "sharding_mode", "remat")
 _BOOLS = (("eval_full_at_end", "the whole-split val loss after the last step"),)
 
 
@@ -191,6 +202,45 @@ def _check_data_dir(config: ml_collections.ConfigDict, problems: list[str]) -> N
             "data's)")
 
 
+def _check_parallelism(config: ml_collections.ConfigDict, sizes: dict[str, int], mode: str,
+                       n_proc: int, problems: list[str]) -> None:
+    """What sequence and manual tensor parallelism need of the model (sizes: the resolved mesh)."""
+    model = config.get("model")
+    if not isinstance(model, ml_collections.ConfigDict) or any(p.startswith("model") for p in problems):
+        return
+    seq, tensor = sizes["sequence"], sizes["tensor"]
+    T = model.get("max_seq_len")
+    if seq > 1 and mode != "manual":
+        problems.append(f"mesh.sequence={seq}: context parallelism (ring attention) runs in the manual "
+                        "step only; set --config.sharding_mode=manual, or --config.mesh.sequence=1")
+    if seq > 1 and isinstance(T, int) and T % seq:
+        down = max(s for s in range(1, seq + 1) if T % s == 0)
+        problems.append(f"model.max_seq_len={T}: not divisible by mesh.sequence={seq} (each sequence "
+                        f"rank holds an equal block of tokens); set --config.model.max_seq_len="
+                        f"{-(-T // seq) * seq}, or --config.mesh.sequence={down}")
+    if seq > 1 and n_proc > 1 and (sizes["data"] * sizes["fsdp"]) % n_proc:
+        problems.append(f"mesh.sequence={seq}: each of the {n_proc} processes loads whole rows, so the "
+                        f"processes must split the batch (mesh.data x mesh.fsdp = "
+                        f"{sizes['data'] * sizes['fsdp']}, a multiple of {n_proc}), not the tokens; "
+                        "raise --config.mesh.data or --config.mesh.fsdp")
+    if mode != "manual":
+        return
+    if model.get("dropout"):
+        problems.append(f"model.dropout={model.dropout}: the manual step has no dropout; set "
+                        "--config.model.dropout=0, or --config.sharding_mode=auto")
+    d = dict(model.to_dict())
+    d["vocab_size"] = d.get("vocab_size") or 1
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except (ValueError, TypeError):
+        return  # named above
+    for what, n, key in (("kv heads", cfg.kv_heads, "n_kv_head"), ("MLP width", cfg.ff_dim, "d_ff")):
+        if tensor > 1 and n % tensor:
+            problems.append(f"model.{key}={n}: the manual step splits the {what} across mesh.tensor="
+                            f"{tensor} ranks, so it must be divisible by {tensor}; set "
+                            f"--config.model.{key} to a multiple of {tensor}, or a smaller mesh.tensor")
+
+
 def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None = None,
                     n_processes: int | None = None) -> None:
     """Checks a training config as a whole before anything is built or written.
@@ -241,6 +291,16 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
     except ValueError as e:
         problems.append(f"{e}; set --config.profile (or '' for no trace)")
 
+    mode = config.get("sharding_mode", "auto")
+    if mode not in ("auto", "manual"):
+        problems.append(f"sharding_mode={mode!r}: must be 'auto' (jit + shardings) or 'manual' (shard_map "
+                        "with explicit collectives); set --config.sharding_mode=auto or =manual")
+    for key in ("remat", "model.remat"):
+        present, v = _lookup(config, key)
+        if present and v is not None and v not in REMAT and not isinstance(v, bool):
+            problems.append(f"{key}={v!r}: must be one of {', '.join(REMAT)} (the activations each block "
+                            f"keeps for the backward pass); set --config.{key}=full, for example")
+
     # The model as a whole: relations between its fields (GQA, head_dim, RoPE, the switches).
     model = config.get("model")
     model_ranges_ok = not any(p.startswith("model.") for p in problems)
@@ -276,14 +336,14 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
     mesh = config.get("mesh")
     sizes = {}
     if isinstance(mesh, ml_collections.ConfigDict):
-        for axis in ("data", "fsdp", "tensor"):
+        for axis in shd.MESH_AXES:
             v = mesh.get(axis, 1)
             if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1):
                 problems.append(f"mesh.{axis}={v!r}: must be an integer >= 1, or -1 for 'the remaining "
                                 f"devices'; set --config.mesh.{axis}")
             else:
                 sizes[axis] = v
-    if len(sizes) == 3:
+    if len(sizes) == len(shd.MESH_AXES):
         try:
             sizes = dict(zip(shd.MESH_AXES, shd.mesh_sizes(**sizes, n_devices=n_devices), strict=True))
         except ValueError as e:
@@ -311,6 +371,8 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
                         f"are split across tensor ranks); use --config.mesh.tensor={fits}, or a "
                         f"multiple of {sizes['tensor']} heads")
 
+    if sizes:
+        _check_parallelism(config, sizes, mode, n_processes, problems)
     _check_data_dir(config, problems)
     if problems:
         raise ConfigError(problems)

@@ -40,6 +40,8 @@ def _check_workdir(workdir: Path, cfg: ModelConfig) -> None:
     if not path.exists():
         return
     saved = json.loads(path.read_text()).get("model", {})
+    if isinstance(saved.get("remat"), bool):  # written before remat named a policy: true is "full"
+        saved["remat"] = "full" if saved["remat"] else "none"
     current = cfg.to_dict()
     diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     if diff:

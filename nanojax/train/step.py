@@ -134,7 +134,11 @@ class Run:
 
 
 def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
-    """Mesh, optimizer, shardings and jitted step/eval/init for a training config."""
+    """Mesh, optimizer, shardings and jitted step/eval/init for a training config.
+
+    config.sharding_mode "auto" jits the step with these shardings (the partitioner places the
+    communication); "manual" runs it under jax.shard_map with explicit collectives. Evaluation
+    is the jitted (auto) path in both modes."""
     mesh = shd.make_mesh(**config.mesh.to_dict())
     schedule = lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)
     optimizer = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
@@ -143,8 +147,20 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
     o_sh = shd.opt_state_shardings(optimizer, param_shapes(cfg), p_sh, mesh)
     repl = shd.replicated(mesh)
     batch_sh, eval_sh = shd.batch_sharding(mesh, ndim=3), shd.batch_sharding(mesh)
+    if config.get("sharding_mode", "auto") == "manual":
+        # The same shardings, but the step is one device's program with its collectives written
+        # out (nanojax.train.manual); the global-norm clip moves into it, out of the optimizer.
+        from nanojax.train import manual
+
+        unclipped = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                                   grad_clip=0)
+        step = manual.make_manual_train_step(cfg, unclipped, config.grad_clip, mesh, manual.specs_of(p_sh),
+                                             manual.specs_of(o_sh), schedule)
+        batch_sh = manual.manual_batch_sharding(mesh)
+    else:
+        step = make_train_step(cfg, optimizer, config.seed, schedule, mesh)
     step_fn = jax.jit(
-        make_train_step(cfg, optimizer, config.seed, schedule, mesh),
+        step,
         in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
         out_shardings=(p_sh, o_sh, repl),
         donate_argnums=(0, 1),
