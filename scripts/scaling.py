@@ -47,6 +47,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     if FLAGS.verbosity <= 0:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    import matplotlib
+
+    matplotlib.use("Agg")  # the report's PNGs only; no window
     sweep = load_preset(FLAGS.preset)
     if FLAGS.n_boot is not None:
         sweep.fit.n_boot = FLAGS.n_boot

@@ -5,6 +5,7 @@ compute-optimal frontier, predicted against observed loss)."""
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,8 @@ PLOTS = ("loss_curves.png", "isoflop.png", "frontier.png", "predicted_vs_observe
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # files only; a notebook's inline backend stays as it is
+    # The backend is the caller's: scripts/scaling.py picks Agg (files only), a notebook keeps its
+    # inline one so that the same functions draw there.
     import matplotlib.pyplot as plt
 
     return plt
@@ -120,7 +120,9 @@ def plot_predicted(runs: Sequence[dict[str, Any]], fits: dict[str, Any], ax: Any
     plt = _plt()
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 4.2))
-    use = usable_runs(runs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fit_sweep has named the diverged runs already
+        use = usable_runs(runs)
     obs = np.array([r["loss"] for r in use])
     pred = fits["parametric"].predict([r["n_params"] for r in use], [r["tokens"] for r in use])
     ax.scatter(obs, pred, s=16, label="fitted runs (fit on all)")
@@ -189,8 +191,10 @@ def write_report(sweep_dir: str | Path, runs: Sequence[dict[str, Any]], fits: di
     lines += ["", "## Plots", ""] + [f"![{n[:-4]}]({n})" for n in PLOTS]
     lines += ["", "## Runs", "",
               "N: non-embedding parameters (Kaplan et al. 2020); D: training tokens; C = 6ND. Loss: the "
-              "whole val split after the last step. Time split: medians over logged steps after the "
-              "first (compilation): device wait + host = step time.", "",
+              "whole val split after the last step. Step time, device wait and host time: the median of "
+              "each over the logged steps after the first (which compiles), so the parts need not add "
+              "up to the whole; MFU against this host's measured matmul peak (high on a busy machine).",
+              "",
               "| run | N | D | C | seed | loss | ms/step (device + host) | tok/s | MFU | wall s |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r["budget"], r["n_params"], r["seed"])):
