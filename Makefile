@@ -1,6 +1,7 @@
 # The README's two commands. Each sets itself up in a local virtual environment (.venv).
 #   make quickstart [SHAKESPEARE=path/to/input.txt]   train the CPU config and print a sample
 #   make test                                         install the test extra, ruff, pytest
+#   make test-slow                                    the tests marked slow (CI runs both)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ DATA ?= data/shakespeare_char
 WORKDIR ?= out/shakespeare_char_cpu
 PYTEST_ARGS ?= -n 2
 
-.PHONY: quickstart test install install-test data clean
+.PHONY: quickstart test test-slow install install-test data clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,11 @@ quickstart: data
 test: install-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The tests marked slow (every mesh in both sharding modes, multi-process, the notebooks run
+# whole): deselected by `make test`, run by CI after it.
+test-slow: install-test
+	$(PY) -m pytest $(PYTEST_ARGS) -m slow tests
 
 clean:
 	rm -rf $(VENV) out data/shakespeare_char
