@@ -46,7 +46,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of params (optimizer moments follow it)
     scan_layers: bool = False  # stack layers inside the jit and lax.scan them (deep models, compile time)
     remat: bool = False  # rematerialise each block in the backward pass (saves activation memory)
-    attn_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention where it runs
+    # auto: cuDNN where it runs, else XLA; "pallas": nanojax's FlashAttention kernels (attention.py)
+    attn_impl: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     init_std: float = 0.02  # normal init of weights; residual projections are scaled by 1/sqrt(2L)
 
     def __post_init__(self) -> None:
@@ -68,7 +69,7 @@ class ModelConfig:
             ("pos_emb", ("learned", "rope")),
             ("norm", ("layernorm", "rmsnorm")),
             ("mlp", ("gelu", "swiglu")),
-            ("attn_impl", ("auto", "xla", "cudnn")),
+            ("attn_impl", ("auto", "xla", "cudnn", "pallas")),
         ):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name}={getattr(self, name)!r}; expected one of {allowed}")

@@ -40,6 +40,7 @@ import numpy as np
 
 from nanojax.attention import attention
 from nanojax.config import ModelConfig
+from nanojax.kernels import decode_attention
 from nanojax.model import Params, hidden_states, unembed
 from nanojax.sampling import SamplerSpec, sample
 
@@ -155,6 +156,19 @@ def _decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Arra
     return out.reshape(B, 1, N, H)
 
 
+def _pallas_decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Array,
+                             pad: jax.Array) -> jax.Array:
+    """`_decode_attention` through the split-K Pallas kernel (cfg.attn_impl == "pallas").
+    q: (B, 1, N, H); kc, vc: (B*K, W, H), viewed as (B, K, W, H) without a copy. Row b's
+    valid slots are [pad[b], slot]. Returns (B, 1, N, H)."""
+    B, _, N, H = q.shape
+    W = kc.shape[1]
+    K = kc.shape[0] // B
+    lengths = jnp.broadcast_to(slot + 1, pad.shape)  # every row has written up to this slot
+    out = decode_attention(q[:, 0], kc.reshape(B, K, W, H), vc.reshape(B, K, W, H), lengths, starts=pad)
+    return out[:, None]
+
+
 def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
                  stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
                  window: int) -> tuple[Cache, State]:
@@ -175,7 +189,8 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
             kc, vc = layer_cache
             kc = jax.lax.dynamic_update_slice(kc, _heads_first(k.astype(kc.dtype)), (0, slot, 0))
             vc = jax.lax.dynamic_update_slice(vc, _heads_first(v.astype(vc.dtype)), (0, slot, 0))
-            return _decode_attention(q, kc, vc, slot, pad), (kc, vc)
+            attn = _pallas_decode_attention if cfg.attn_impl == "pallas" else _decode_attention
+            return attn(q, kc, vc, slot, pad), (kc, vc)
 
         positions = (slot - pad)[:, None]  # (B, 1)
         x, cache = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,
