@@ -7,7 +7,11 @@ Shapes are small and blocks smaller still, so every length spans several blocks 
 inside one (interpret mode walks the grid in a loop).
 """
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,8 @@ import nanojax as nj
 from nanojax.attention import _xla_attention, attention
 from nanojax.kernels import decode_attention, flash_attention
 from nanojax.train.step import loss_fn
+
+REPO = Path(__file__).resolve().parent.parent
 
 # (B, T, S, N, K, H, causal, dtype, block_q, block_k): GQA and MQA, lengths that are not a
 # multiple of either block, causal queries aligned to the end of longer keys, and head dims
@@ -70,6 +76,56 @@ def test_forward_and_gradients_match_the_reference(case):
         # fp32: 1e-5 absolute; bf16: 2e-2 of the gradient's largest entry (bf16 keeps ~3 digits).
         atol = tol if dtype == jnp.float32 else tol * max(1.0, float(jnp.abs(r).max()))
         np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=atol, rtol=tol, err_msg=f"d{name}")
+
+
+def test_gpu_tile_padding_is_exact(monkeypatch):
+    """The GPU wrappers' padding for Triton (head dim 80 -> 128, a group of 3 query heads -> 16
+    rows, blocks >= 16), switched on here and run in interpret mode: results unchanged. (The
+    backward kernels see the same padded arrays as the forward; their gradients are sliced by
+    autodiff of the pad.)"""
+    from nanojax.kernels import backend
+
+    monkeypatch.setattr(backend, "pads_tiles", lambda: True)
+    B, T, N, K, H = 1, 37, 3, 1, 80
+    q, k, v, _ = _qkv_do(B, T, T, N, K, H, jnp.float32)
+    out = jax.jit(flash_attention)(q, k, v)
+    np.testing.assert_allclose(out, _reference(q, k, v, True), atol=1e-5, rtol=1e-5)
+    lengths, starts = np.array([37]), np.array([4])
+    dec = decode_attention(q[:, -1], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.asarray(lengths),
+                           starts=jnp.asarray(starts), interpret=True)
+    ref = _decode_reference(q[:, -1], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), starts, lengths)
+    np.testing.assert_allclose(dec, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "rocm"])
+def test_kernels_lower_through_triton_for_cuda_and_rocm(platform, monkeypatch):
+    """Without a GPU: with the GPU tile choices on, jax lowers every kernel (forward, both
+    backward kernels, decode) for CUDA and ROCm to Triton calls. This runs Pallas' Triton
+    lowering (op support, block shapes); Triton's own compile to GPU code needs the GPU."""
+    from nanojax.kernels import backend
+
+    monkeypatch.setattr(backend, "interpret_default", lambda: False)
+    B, T, N, K, H = 1, 1000, 8, 2, 80  # T off the 128 x 64 grid, head dim padded to 128
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
+
+    def fwd_bwd(q, k, v):
+        o, vjp = jax.vjp(flash_attention, q, k, v)
+        return vjp(o)
+
+    def lowered(f, *args):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+    hlo = lowered(fwd_bwd, q, kv, kv)
+    calls = re.findall(r'custom_call @(\S+)\(', hlo)
+    assert calls == ["__gpu$xla.gpu.triton"] * 3, calls
+    names = set(re.findall(r'name = "(\w+)"', hlo))
+    assert {"flash_attention_fwd", "flash_attention_dkv", "flash_attention_dq"} <= names
+    cache = jax.ShapeDtypeStruct((B, K, 512, H), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((B,), jnp.int32)
+    q1 = jax.ShapeDtypeStruct((B, N, H), jnp.bfloat16)
+    hlo = lowered(lambda q, k, v, n: decode_attention(q, k, v, n), q1, cache, cache, rows)
+    assert re.findall(r'custom_call @(\S+)\(', hlo) == ["__gpu$xla.gpu.triton"]
 
 
 def _big_square_shapes(hlo: str, T: int) -> list[str]:
@@ -204,3 +260,18 @@ def test_bad_inputs_are_refused_with_the_fix():
     assert nj.ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="attn_impl='triton'"):
         cfg.replace(attn_impl="triton")
+
+
+def test_bench_attention_runs_on_cpu():
+    """scripts/bench_attention.py end to end at a tiny shape: the XLA path timed forward and
+    forward + backward, the interpreted kernels skipped past --pallas_cpu_max_len (their timing
+    is the same `measure` call; timing them here would add a kernel compile), cuDNN unavailable."""
+    cmd = [sys.executable, str(REPO / "scripts/bench_attention.py"), "--seq_lens=32", "--tokens=64",
+           "--heads=2", "--head_dim=16", "--repeats=1", "--pallas_cpu_max_len=16", "--impls=xla,pallas,cudnn"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    cell = r"[\d.]+ / [\d.e+-]+ / [\d.]+"
+    for row in ("fwd", "fwd\\+bwd"):
+        pattern = rf"\| 32 \| {row} \| {cell} \| skipped \(interpret mode\) \| n/a"
+        assert re.search(pattern, p.stdout), p.stdout

@@ -3,14 +3,19 @@
 - CPU: Pallas has no CPU compiler, so the kernels run in *interpret mode*: the kernel body is
   traced as ordinary JAX ops and XLA:CPU runs it grid step by grid step. That is for checking
   correctness (the tests), not for speed; `attn_impl="auto"` never picks it on CPU.
-- GPU (CUDA or ROCm): Pallas lowers the kernels through Triton. Triton wants power-of-two tile
+- GPU (CUDA or ROCm): Pallas lowers the kernels through Triton, chosen by passing Triton
+  compiler params (`compiler_params`; without them jax >= 0.10 picks Mosaic GPU on CUDA, which
+  these kernels do not target, and ROCm has only Triton). Triton wants power-of-two tile
   shapes of at least 16 along every matmul dimension, so the wrappers pad the head dim and the
   decode kernel's query-head group up to that (padding with zeros changes no result).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+from jax.experimental.pallas import triton as pltriton
 
 
 def backend() -> str:
@@ -23,10 +28,16 @@ def interpret_default() -> bool:
     return backend() == "cpu"
 
 
+def pads_tiles() -> bool:
+    """Whether the wrappers pad tiles to Triton's rules (powers of two, >= 16): on GPUs. A
+    function of its own so a CPU test can switch it on and check the padding in interpret mode."""
+    return not interpret_default()
+
+
 def min_tile() -> int:
     """Smallest matmul tile side the lowering accepts: Triton's tl.dot needs >= 16; the
     interpreter takes anything, so CPU tests can use tiny blocks and short sequences."""
-    return 1 if interpret_default() else 16
+    return 16 if pads_tiles() else 1
 
 
 def flash_blocks(head_dim: int) -> tuple[int, int]:
@@ -48,3 +59,11 @@ def decode_blocks() -> tuple[int, int]:
     if interpret_default():
         return 64, 2
     return 64, 8
+
+
+def compiler_params(head_dim: int, *, decode: bool = False) -> Any:
+    """Pallas compiler params selecting the Triton lowering (GPUs; interpret mode ignores them).
+    4 warps for decode and small heads, 8 for head_dim > 64 (more threads to hold the wider
+    accumulator tile); 2 pipeline stages (double-buffered K/V loads)."""
+    warps = 4 if decode or head_dim <= 64 else 8
+    return pltriton.CompilerParams(num_warps=warps, num_stages=2)

@@ -103,8 +103,9 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
     # rows (decode reads the cache once either way; the spare rows cost no memory traffic) and
     # H to a power of two. Zero rows and columns change no real output.
     floor = backend.min_tile()
-    Gp = G if interpret else max(floor, 1 << max(0, (G - 1).bit_length()))
-    Hp = H if interpret else max(floor, 1 << max(0, (H - 1).bit_length()))
+    pad = backend.pads_tiles()
+    Gp = max(floor, 1 << max(0, (G - 1).bit_length())) if pad else G
+    Hp = max(floor, 1 << max(0, (H - 1).bit_length())) if pad else H
     qg = _pad_to(_pad_to(q.reshape(B, K, G, H), 2, Gp), 3, Hp)  # (B, K, Gp, Hp)
     kc = _pad_to(_pad_to(k_cache, 2, chunk * num_splits), 3, Hp)  # (B, K, S_pad, Hp)
     vc = _pad_to(_pad_to(v_cache, 2, chunk * num_splits), 3, Hp)
@@ -124,6 +125,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengt
         out_shape=[jax.ShapeDtypeStruct((B, K, num_splits, Gp, Hp), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, num_splits, Gp), jnp.float32)],
         interpret=interpret,
+        compiler_params=backend.compiler_params(Hp, decode=True),
         name="decode_attention",
     )(starts, lengths, qg, kc, vc)
     return _merge_splits(o, lse)[:, :, :G, :H].reshape(B, N, H).astype(q.dtype)

@@ -113,6 +113,7 @@ def _fwd(q, k, v, *, scale, causal, block_q, block_k, seq_q, seq_k, interpret):
         out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda b, n, i: (b, n, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
         interpret=interpret,
+        compiler_params=backend.compiler_params(H),
         name="flash_attention_fwd",
     )(q, k, v)
 
@@ -208,6 +209,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, causal, block_q, block_k, seq_q, seq_k, 
         out_specs=[kv_block, kv_block],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         interpret=interpret,
+        compiler_params=backend.compiler_params(H),
         name="flash_attention_dkv",
     )(q, k, v, do, lse, d)
 
@@ -221,6 +223,7 @@ def _bwd(q, k, v, o, lse, do, *, scale, causal, block_q, block_k, seq_q, seq_k, 
         out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret,
+        compiler_params=backend.compiler_params(H),
         name="flash_attention_dq",
     )(q, k, v, do, lse, d)
     return dq, dk, dv
@@ -304,7 +307,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     interpret = backend.interpret_default() if interpret is None else interpret
     # Triton needs power-of-two tiles: pad the head dim with zero columns (q.k and p.v unchanged;
     # the extra output columns are zero and sliced off). The softmax scale keeps the true H.
-    Hp = H if interpret else max(16, _next_pow2(H))
+    Hp = max(floor, _next_pow2(H)) if backend.pads_tiles() else H
     q, k, v = (_pad_to(x, 3, Hp) for x in (q, k, v))
     out = _flash(q, k, v, 1.0 / math.sqrt(H), causal, block_q, block_k, interpret)
     return out[..., :H]
