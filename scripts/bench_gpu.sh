@@ -4,6 +4,8 @@
 #      the MFU peak table, GPU vs CPU logits, gradients and greedy tokens.
 #   1. Llama-2-7B-shaped random bf16 weights, batch 1 decode: tok/s and share of HBM bandwidth.
 #   2. GPT-2 124M bf16 (fp32 master weights) training at 16 x 1024 a step: tokens/s and MFU.
+#   3. Attention, T = 512..16384, head_dim 128, bf16, causal: nanojax's Pallas FlashAttention vs
+#      the XLA path vs cuDNN, forward and forward + backward (docs/attention.md).
 #
 #   bash scripts/bench_gpu.sh [OUT_DIR]     # logs to OUT_DIR (default: out/bench_gpu)
 #
@@ -29,3 +31,5 @@ JAX_PLATFORMS=cuda,cpu "$py" -m pytest -m gpu -p no:cacheprovider -q tests/test_
   | grep -v "^I[0-9]" | tee "$out/decode_llama2_7b.txt"
 "$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20 --rounds=3 2>&1 \
   | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16.txt"
+"$py" scripts/bench_attention.py --seq_lens=512,1024,2048,4096,8192,16384 --tokens=16384 --heads=16 \
+  --head_dim=128 --dtype=bfloat16 --repeats=10 2>&1 | grep -v "^I[0-9]" | tee "$out/attention.txt"

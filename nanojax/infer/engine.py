@@ -21,6 +21,10 @@ How one call runs (B prompts of different lengths):
    recover it. The host dispatches one call per window without waiting, and sees tokens only
    when it asks: at the end, or once per streamed chunk.
 
+With cfg.attn_impl == "pallas", decode attention is the split-K Pallas kernel of
+nanojax/kernels/decode_attention.py over the same cache (viewed as [B, K, W, H], rows
+[pad[b], slot]); prefill and every other setting keep the XLA code below, unchanged.
+
 The KV cache, per layer (k, v), each [B*K, W, H] in the compute dtype: row b*K + k is batch row b's
 kv head k, so both attention products are plain batched matmuls over a contiguous cache, with no
 per-token copy of it. The window call that first reaches W pads the cache to W slots once (a
