@@ -3,7 +3,7 @@ nanojax's own FlashAttention-2 Pallas kernels (nanojax/kernels/, docs/attention.
 
 Which path "auto" takes, per backend, and why (measured-fastest correct path):
 - CPU: XLA. The Pallas kernels run there only in interpret mode, which checks them but is slow
-  (scripts/bench_attention.py: several times the XLA path's time), so auto never picks them.
+  (2-5x the XLA path's time in docs/attention.md's CPU table), so auto never picks them.
 - NVIDIA GPU, bf16/fp16: cuDNN's fused kernel. The Pallas kernel's GPU numbers are not yet
   measured (docs/attention.md); until they beat cuDNN there, "pallas" is opt-in.
 - Anything else (ROCm, fp32 on GPU): XLA; "pallas" is opt-in through Pallas' Triton lowering.
