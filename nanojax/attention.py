@@ -1,4 +1,12 @@
-"""Attention behind one function: a portable XLA path and, where it runs, cuDNN flash attention.
+"""Attention behind one function: a portable XLA path, cuDNN flash attention where it runs, and
+nanojax's own FlashAttention-2 Pallas kernels (nanojax/kernels/, docs/attention.md).
+
+Which path "auto" takes, per backend, and why (measured-fastest correct path):
+- CPU: XLA. The Pallas kernels run there only in interpret mode, which checks them but is slow
+  (2-5x the XLA path's time in docs/attention.md's CPU table), so auto never picks them.
+- NVIDIA GPU, bf16/fp16: cuDNN's fused kernel. The Pallas kernel's GPU numbers are not yet
+  measured (docs/attention.md); until they beat cuDNN there, "pallas" is opt-in.
+- Anything else (ROCm, fp32 on GPU): XLA; "pallas" is opt-in through Pallas' Triton lowering.
 
 Shapes (JAX scaling-book letters): B batch, T query length, S key length, N query heads,
 K kv heads (N % K == 0; G = N // K queries share one kv head), H head dim.
@@ -10,6 +18,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from nanojax.kernels import flash_attention
+
+IMPLS = ("auto", "xla", "cudnn", "pallas")
 
 
 @functools.cache
@@ -57,10 +69,18 @@ def attention(
       q: (B, T, N, H) queries. k, v: (B, S, K, H) keys and values.
       mask: optional bool (B, T, S), True where query t may attend to key s. None means causal
         with the queries aligned to the end of the keys (query t sees keys s <= t + S - T).
-      impl: "auto" (cuDNN where it runs, else XLA), "xla", or "cudnn".
+      impl: "auto" (cuDNN where it runs, else XLA; module docstring), "xla", "cudnn", or
+        "pallas" (nanojax.kernels.flash_attention; causal only, no explicit mask).
     Returns:
       (B, T, N, H) in q's dtype. Softmax is computed in float32.
     """
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl={impl!r}; expected one of {IMPLS}")
+    if impl == "pallas":
+        if mask is not None:
+            raise ValueError("attention impl='pallas' is causal only and takes no explicit mask (the "
+                             "FlashAttention kernel masks by position); pass impl='xla' for a custom mask")
+        return flash_attention(q, k, v, causal=True)
     if _use_cudnn(impl, q, mask):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return _xla_attention(q, k, v, mask)

@@ -53,7 +53,8 @@ class ModelConfig:
     # Which activations each block keeps for the backward pass; the rest are recomputed (REMAT).
     # "none" keeps all; "full" keeps only the block's input. Old configs' true/false mean full/none.
     remat: str = "none"
-    attn_impl: Literal["auto", "xla", "cudnn"] = "auto"  # auto: cuDNN flash attention where it runs
+    # auto: cuDNN where it runs, else XLA; "pallas": nanojax's FlashAttention kernels (attention.py)
+    attn_impl: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     init_std: float = 0.02  # normal init of weights; residual projections are scaled by 1/sqrt(2L)
 
     def __post_init__(self) -> None:
@@ -77,7 +78,7 @@ class ModelConfig:
             ("pos_emb", ("learned", "rope")),
             ("norm", ("layernorm", "rmsnorm")),
             ("mlp", ("gelu", "swiglu")),
-            ("attn_impl", ("auto", "xla", "cudnn")),
+            ("attn_impl", ("auto", "xla", "cudnn", "pallas")),
             ("remat", REMAT),
         ):
             if getattr(self, name) not in allowed:

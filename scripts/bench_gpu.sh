@@ -8,6 +8,8 @@
 #      pure-JAX dequantize path, which XLA fuses into the dot on GPU: tests/test_gpu.py checks
 #      the HLO), against 1.'s bf16 row: the issue asks int8 >= 1.5x, int4 >= 2x.
 #   4. GPT-2 124M with remat=full, in the auto (jit) and the manual (shard_map) step (docs/sharding.md).
+#   5. Attention, T = 512..16384, head_dim 128, bf16, causal: nanojax's Pallas FlashAttention vs
+#      the XLA path vs cuDNN, forward and forward + backward (docs/attention.md).
 #
 #   bash scripts/bench_gpu.sh [OUT_DIR]     # logs to OUT_DIR (default: out/bench_gpu)
 #
@@ -46,3 +48,5 @@ for mode in auto manual; do
   "$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20 --rounds=3 \
     --sharding_mode=$mode --remat=full 2>&1 | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16_remat_full_$mode.txt"
 done
+"$py" scripts/bench_attention.py --seq_lens=512,1024,2048,4096,8192,16384 --tokens=16384 --heads=16 \
+  --head_dim=128 --dtype=bfloat16 --repeats=10 2>&1 | grep -v "^I[0-9]" | tee "$out/attention.txt"

@@ -221,5 +221,7 @@ def test_bad_requests(models):
     assert isinstance(params["layers"][0]["attn"]["wq"], jax.Array)  # the input tree is untouched
     with pytest.raises(ValueError, match=r"kv_cache_dtype must be one of \(None, 'int8'\).*'int4'"):
         nj.generate(params, cfg, [[1]], 2, kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='int8' with attn_impl='pallas'"):
+        nj.generate(params, cfg.replace(attn_impl="pallas"), [[1]], 2, kv_cache_dtype="int8")
     with pytest.raises(FileNotFoundError, match="not a quantized model directory"):
         load_quantized(".")

@@ -21,6 +21,10 @@ How one call runs (B prompts of different lengths):
    recover it. The host dispatches one call per window without waiting, and sees tokens only
    when it asks: at the end, or once per streamed chunk.
 
+With cfg.attn_impl == "pallas", decode attention is the split-K Pallas kernel of
+nanojax/kernels/decode_attention.py over the same cache (viewed as [B, K, W, H], rows
+[pad[b], slot]); prefill and every other setting keep the XLA code below, unchanged.
+
 The KV cache, per layer (k, v), each [B*K, W, H] in the compute dtype: row b*K + k is batch row b's
 kv head k, so both attention products are plain batched matmuls over a contiguous cache, with no
 per-token copy of it. With kv_cache_dtype="int8" each of k, v is an `Int8KV` record instead:
@@ -45,6 +49,7 @@ from flax import struct
 
 from nanojax.attention import attention
 from nanojax.config import ModelConfig
+from nanojax.kernels import decode_attention
 from nanojax.model import Params, hidden_states, unembed
 from nanojax.sampling import SamplerSpec, sample
 
@@ -208,6 +213,19 @@ def _decode_attention(q: jax.Array, kc: Any, vc: Any, slot: jax.Array, pad: jax.
     return out.reshape(B, 1, N, H)
 
 
+def _pallas_decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Array,
+                             pad: jax.Array) -> jax.Array:
+    """`_decode_attention` through the split-K Pallas kernel (cfg.attn_impl == "pallas").
+    q: (B, 1, N, H); kc, vc: (B*K, W, H), viewed as (B, K, W, H) without a copy. Row b's
+    valid slots are [pad[b], slot]. Returns (B, 1, N, H)."""
+    B, _, N, H = q.shape
+    W = kc.shape[1]
+    K = kc.shape[0] // B
+    lengths = jnp.broadcast_to(slot + 1, pad.shape)  # every row has written up to this slot
+    out = decode_attention(q[:, 0], kc.reshape(B, K, W, H), vc.reshape(B, K, W, H), lengths, starts=pad)
+    return out[:, None]
+
+
 def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
                  stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
                  window: int) -> tuple[Cache, State]:
@@ -227,7 +245,8 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
         def attend(q, k, v, layer_cache):
             kc, vc = layer_cache
             kc, vc = _write(kc, _heads_first(k), slot), _write(vc, _heads_first(v), slot)
-            return _decode_attention(q, kc, vc, slot, pad), (kc, vc)
+            attn = _pallas_decode_attention if cfg.attn_impl == "pallas" else _decode_attention
+            return attn(q, kc, vc, slot, pad), (kc, vc)
 
         positions = (slot - pad)[:, None]  # (B, 1)
         x, cache = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,

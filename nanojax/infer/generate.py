@@ -95,6 +95,9 @@ def _validate(params: Params, cfg: ModelConfig, prompts: Any, max_new_tokens: in
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES} (None: the compute dtype), "
                          f"got {kv_cache_dtype!r}")
+    if kv_cache_dtype is not None and cfg.attn_impl == "pallas":
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} with attn_impl='pallas': the Pallas decode "
+                         "kernel reads a float cache; use the default kv_cache_dtype or attn_impl='auto'")
     wte = params.get("wte") if isinstance(params, dict) else None
     if wte is None or tuple(wte.shape) != (cfg.vocab_size, cfg.d_model):
         raise ValueError(f"params do not match cfg: wte is {getattr(wte, 'shape', None)}, expected "
