@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -31,6 +33,7 @@ from nanojax.train.loop import WorkdirMismatchError
 from nanojax.train.lora_run import load_lora_workdir
 from nanojax.train.step import loss_fn
 
+REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 MODEL = {"model.n_layer": 2, "model.n_head": 4, "model.d_model": 64, "model.max_seq_len": 32}
@@ -140,3 +143,34 @@ def test_lora_run_resumes_exactly_and_refuses_another_base(halves, tuned, tmp_pa
     # a full-model run's workdir is not resumed as LoRA
     with pytest.raises(WorkdirMismatchError, match="holds a full-model run"):
         train(config, base_dir, progress=False)
+
+
+def test_trained_adapter_exports_to_peft_and_samples(halves, tuned, tmp_path, compile_cache):
+    """scripts/export_lora.py writes the trained adapter as PEFT; peft loads it over the base
+    (exported with save_hf) and gives nanojax's logits; sample.py --lora greedy-decodes what
+    nj.generate(lora=) does."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    _, _, base_dir = halves
+    _, workdir, _, _ = tuned
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **compile_cache)
+    subprocess.run([sys.executable, str(REPO / "scripts/export_lora.py"), f"--workdir={workdir}",
+                    f"--out_dir={tmp_path / 'peft'}"], check=True, env=env, capture_output=True)
+    cfg, base, adapter, tok = load_lora_workdir(workdir)
+    nj.save_hf(base, cfg, tmp_path / "base_hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base_hf",
+                                                              attn_implementation="eager")
+    model = peft.PeftModel.from_pretrained(model, tmp_path / "peft").eval()
+    tokens = np.asarray([tok.encode("ROMEO:\nWhat say you, my lord?")], np.int32)
+    with torch.no_grad():
+        want = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    got = np.asarray(nj.forward(base, tokens, cfg, lora=adapter))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(got - np.asarray(nj.forward(base, tokens, cfg))).max() > 1e-2  # a real change
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts/sample.py"), f"--lora={workdir}",
+                          "--prompt=ROMEO:", "--max_new_tokens=20", "--temperature=0", "--nostream"],
+                         check=True, env=env, capture_output=True, text=True).stdout
+    ids = nj.generate(base, cfg, [tok.encode("ROMEO:")], max_new_tokens=20, lora=adapter)[0]
+    assert out.rstrip("\n") == "ROMEO:" + tok.decode(ids)
