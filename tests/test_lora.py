@@ -160,9 +160,10 @@ def test_stacked_forward_matches_each_adapter(served):
     cfg, params, (a, b, c) = served
     tokens = jnp.asarray(np.tile(TOKENS[:1], (4, 1)))
     stacked = stack_adapters([c, None, a, b], cfg)
-    got = np.asarray(nj.forward(params, tokens, cfg, lora=stacked))
+    forward = jax.jit(nj.forward, static_argnames="cfg")
+    got = np.asarray(forward(params, tokens, cfg, lora=stacked))
     for row, ad in enumerate([c, None, a, b]):
-        want = np.asarray(nj.forward(params, tokens[:1], cfg, lora=ad))[0]
+        want = np.asarray(forward(params, tokens[:1], cfg, lora=ad))[0]
         np.testing.assert_allclose(got[row], want, atol=1e-5, rtol=0)
 
 
