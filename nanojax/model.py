@@ -358,9 +358,18 @@ def hidden_states(
     attend: AttendFn | None = None,
     layer_states: list[Any] | None = None,
     dropout_rng: jax.Array | None = None,
+    lora: Any = None,
 ) -> tuple[jax.Array, list[Any] | None]:
-    """Embeddings and all blocks, before the final norm. Returns ((B*T, D), new layer states)."""
+    """Embeddings and all blocks, before the final norm. Returns ((B*T, D), new layer states).
+
+    lora: an adapter (nanojax.lora: LoraAdapter, or StackedLora for one adapter per row) whose
+    `wrap` puts its low-rank updates on the weights it targets; they apply at the matmul seam.
+    """
     B, T = tokens.shape
+    if lora is not None:
+        # The adapter's own dropout stream, independent of the model's (which it leaves as is).
+        lora_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0x10A)
+        params = lora.wrap(params, cfg, lora_rng)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     attend = attend or causal_attend(cfg)
@@ -404,14 +413,16 @@ def forward(
     *,
     positions: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
+    lora: Any = None,
 ) -> jax.Array:
     """Causal LM forward: int32 tokens (B, T) -> float32 logits (B, T, V).
 
     positions: optional (B, T) int positions (default 0..T-1 per row). dropout_rng: enables
-    dropout (training); None is deterministic.
+    dropout (training); None is deterministic. lora: a LoRA adapter applied on top of the params
+    (nanojax.lora; see hidden_states).
     """
     B, T = tokens.shape
     if T > cfg.max_seq_len:
         raise ValueError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
-    x, _ = hidden_states(params, tokens, cfg, positions=positions, dropout_rng=dropout_rng)
+    x, _ = hidden_states(params, tokens, cfg, positions=positions, dropout_rng=dropout_rng, lora=lora)
     return unembed(params, x, cfg).reshape(B, T, cfg.vocab_size)

@@ -40,12 +40,14 @@ def make_optimizer(
     b2: float = 0.95,
     eps: float = 1e-8,
     grad_clip: float = 1.0,
+    mask: Any = decay_mask,
 ) -> optax.GradientTransformation:
     """clip_by_global_norm(grad_clip) then AdamW (decoupled decay, Loshchilov & Hutter 2019) at the
-    learning rate `schedule` (step -> rate, e.g. `lr_schedule(...)`, or a constant)."""
+    learning rate `schedule` (step -> rate, e.g. `lr_schedule(...)`, or a constant). mask: which
+    leaves decay (a tree of bools or a function of the params; default `decay_mask`)."""
     # identity() keeps the state's structure when clipping is off, so a run can resume either way.
     chain = [optax.clip_by_global_norm(grad_clip) if grad_clip and grad_clip > 0 else optax.identity()]
     chain.append(
-        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+        optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     )
     return optax.chain(*chain)

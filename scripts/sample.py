@@ -4,6 +4,8 @@
     python scripts/sample.py --hf_dir=path/to/gpt2 --prompt="Hello" --temperature=0.7 --top_p=0.9
     python scripts/sample.py --workdir=out/sc_cpu --quant=int4 --kv_cache_dtype=int8   # quantized
     python scripts/sample.py --workdir=out/sc_cpu_int8    # a directory written by scripts/quantize.py
+    python scripts/sample.py --lora=out/lora_run --prompt="ROMEO:"      # a LoRA fine-tuning workdir
+    python scripts/sample.py --hf_dir=path/to/llama --lora=path/to/peft_adapter --prompt="Hi"
 
 --max_new_tokens may exceed the model's context: when the context is full, generation slides on
 (nanoGPT crops to the last block_size tokens; here the context is re-prefilled with its last
@@ -24,6 +26,8 @@ from nanojax.infer import generate_stream  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training workdir (or use --hf_dir).")
 flags.DEFINE_string("hf_dir", None, "A Hugging Face model dir (config.json, safetensors, tokenizer.json).")
+flags.DEFINE_string("lora", None, "A LoRA fine-tuning workdir (its base comes with it), or a PEFT adapter "
+                    "directory applied to --workdir / --hf_dir.")
 flags.DEFINE_string("prompt", "\n", "Text to continue.")
 flags.DEFINE_integer("max_new_tokens", 500, "Tokens to generate (may exceed the context: it slides).")
 flags.DEFINE_float("temperature", 0.8, "0 is greedy.")
@@ -41,7 +45,21 @@ FLAGS = flags.FLAGS
 
 
 def _load():
-    """(cfg, params, tokenizer, stop token ids, ids to prepend to the prompt)."""
+    """(cfg, params, tokenizer, stop token ids, ids to prepend to the prompt, adapter or None)."""
+    if FLAGS.lora and (Path(FLAGS.lora) / "config.json").is_file():  # a LoRA training workdir
+        if FLAGS.workdir or FLAGS.hf_dir:
+            raise app.UsageError("--lora names a LoRA training workdir, which brings its own base: drop "
+                                 "--workdir / --hf_dir")
+        from nanojax.train.lora_run import load_lora_workdir
+
+        cfg, params, adapter, tok = load_lora_workdir(FLAGS.lora)
+        return cfg, params, tok, [], [], adapter
+    loaded = _load_base()
+    adapter = nj.load_lora(FLAGS.lora, loaded[0]) if FLAGS.lora else None
+    return (*loaded, adapter)
+
+
+def _load_base():
     if bool(FLAGS.workdir) == bool(FLAGS.hf_dir):
         raise app.UsageError("pass exactly one of --workdir or --hf_dir")
     if FLAGS.workdir:
@@ -73,7 +91,7 @@ def main(argv):
     del argv
     if FLAGS.verbosity <= 0:
         logging.set_verbosity(logging.WARNING)  # orbax logs a restore at INFO; --v=1 brings it back
-    cfg, params, tok, stop_ids, prefix = _load()
+    cfg, params, tok, stop_ids, prefix, adapter = _load()
     if FLAGS.quant:
         params = nj.quantize(params, cfg, FLAGS.quant)
     ids = prefix + tok.encode(FLAGS.prompt)
@@ -86,7 +104,7 @@ def main(argv):
         repetition_penalty=FLAGS.repetition_penalty, stop_tokens=stop_ids, seed=FLAGS.seed,
         chunk_size=FLAGS.chunk_size if FLAGS.stream else max(1, FLAGS.max_new_tokens),
         stop_strings=FLAGS.stop or None, detokenize=tok.decode, overflow="slide",
-        kv_cache_dtype=FLAGS.kv_cache_dtype)
+        kv_cache_dtype=FLAGS.kv_cache_dtype, lora=adapter)
     print(FLAGS.prompt, end="", flush=True)
     new: list[int] = []
     shown = 0

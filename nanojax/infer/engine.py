@@ -137,9 +137,12 @@ def _heads_first(x: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "window", "n_out", "debug", "kv_cache_dtype"))
 def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array, round_idx: jax.Array,
              knobs: dict[str, jax.Array], stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
-             window: int, n_out: int, debug: bool, kv_cache_dtype: str | None = None) -> tuple[Cache, State]:
+             window: int, n_out: int, debug: bool, kv_cache_dtype: str | None = None,
+             lora: Any = None) -> tuple[Cache, State]:
     """tokens: int32 (B, P) left-padded; pad: int32 (B,). Returns a cache of `window` slots
-    holding the prompts' K/V, and the decode state with the first new token sampled."""
+    holding the prompts' K/V, and the decode state with the first new token sampled.
+    lora: None, a LoraAdapter, or a StackedLora (one adapter per row): a traced argument, so
+    every adapter of one shape shares the compiled call."""
     B, P = tokens.shape
     K, H, V = cfg.kv_heads, cfg.resolved_head_dim, cfg.vocab_size
     slots = jnp.arange(P, dtype=jnp.int32)
@@ -155,7 +158,8 @@ def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array,
     shape = (B * K, window, H)
     cache = [(_new_cache(shape, cfg.compute_dtype, kv_cache_dtype),
               _new_cache(shape, cfg.compute_dtype, kv_cache_dtype)) for _ in range(cfg.n_layer)]
-    x, cache = hidden_states(params, tokens, cfg, positions=positions, attend=attend, layer_states=cache)
+    x, cache = hidden_states(params, tokens, cfg, positions=positions, attend=attend, layer_states=cache,
+                             lora=lora)
     last = x.reshape(B, P, cfg.d_model)[:, -1]  # (B, D): every row's prompt ends at slot P - 1
     logits = unembed(params, last, cfg)  # (B, V) float32
 
@@ -228,7 +232,7 @@ def _pallas_decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: j
 
 def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
                  stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
-                 window: int) -> tuple[Cache, State]:
+                 window: int, lora: Any = None) -> tuple[Cache, State]:
     """Decodes while t < limit, the fed slot is inside `window`, and some row is not done.
     A cache shorter than `window` slots is first padded to it."""
 
@@ -250,7 +254,7 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
 
         positions = (slot - pad)[:, None]  # (B, 1)
         x, cache = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,
-                                 layer_states=cache)
+                                 layer_states=cache, lora=lora)
         logits = unembed(params, x, cfg)  # (B, V)
         return cache, _accept(st, logits, spec, knobs, stops)
 
@@ -307,6 +311,7 @@ class _Round:
     state: State
     cache_len: int
     prompt_len: int
+    lora: Any = None  # None, a LoraAdapter or a StackedLora for these rows
     t: int = 1  # host's upper bound on the device's t (equal unless every row stopped early)
 
     def advance(self, t_end: int) -> None:
@@ -319,7 +324,7 @@ class _Round:
                 continue
             self.cache, self.state = _decode(
                 self.params, self.cache, self.state, np.int32(t_end), self.knobs, self.stops,
-                cfg=self.cfg, spec=self.spec, window=w)
+                cfg=self.cfg, spec=self.spec, window=w, lora=self.lora)
             self.t = min(t_end, w - self.prompt_len + 1)
 
     def fetch(self) -> tuple[np.ndarray, int]:
@@ -334,7 +339,7 @@ class _Round:
 
 def _start(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, spec: SamplerSpec,
            knobs: dict[str, jax.Array], stops: jax.Array, seed: int, round_idx: int,
-           debug: bool, kv_cache_dtype: str | None = None) -> _Round:
+           debug: bool, kv_cache_dtype: str | None = None, lora: Any = None) -> _Round:
     B = len(prompts)
     longest = max(len(p) for p in prompts)
     P = max(MIN_PROMPT_BUCKET, _next_pow2(longest))
@@ -347,5 +352,5 @@ def _start(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: 
     n_out = cache_len - P
     cache, state = _prefill(params, tokens, pad, np.uint32(seed % 2**32), np.int32(round_idx), knobs, stops,
                             cfg=cfg, spec=spec, window=_windows(P, cache_len)[0], n_out=n_out, debug=debug,
-                            kv_cache_dtype=kv_cache_dtype)
-    return _Round(params, cfg, spec, knobs, stops, max_new, cache, state, cache_len, P)
+                            kv_cache_dtype=kv_cache_dtype, lora=lora)
+    return _Round(params, cfg, spec, knobs, stops, max_new, cache, state, cache_len, P, lora)

@@ -62,8 +62,8 @@ def _check_prompts(prompts: Any, cfg: ModelConfig) -> list[list[int]]:
 def _validate(params: Params, cfg: ModelConfig, prompts: Any, max_new_tokens: int, temperature: float,
               top_k: int | None, top_p: float | None, min_p: float | None,
               repetition_penalty: float | None, stop_tokens: Any, overflow: str, chunk_size: int,
-              stop_strings: Any, detokenize: Any,
-              kv_cache_dtype: str | None = None) -> tuple[list[list[int]], list[int]]:
+              stop_strings: Any, detokenize: Any, kv_cache_dtype: str | None = None,
+              lora: Any = None) -> tuple[list[list[int]], list[int], Any]:
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"cfg must be a nanojax ModelConfig, got {type(cfg).__name__} "
                         "(the argument order is generate(params, cfg, prompts, ...))")
@@ -102,7 +102,27 @@ def _validate(params: Params, cfg: ModelConfig, prompts: Any, max_new_tokens: in
     if wte is None or tuple(wte.shape) != (cfg.vocab_size, cfg.d_model):
         raise ValueError(f"params do not match cfg: wte is {getattr(wte, 'shape', None)}, expected "
                          f"({cfg.vocab_size}, {cfg.d_model})")
-    return prompts, stops
+    return prompts, stops, _check_lora(lora, cfg, len(prompts))
+
+
+def _check_lora(lora: Any, cfg: ModelConfig, n_prompts: int) -> Any:
+    """None, one LoraAdapter for every row, or a list with one adapter (or None) per prompt, which
+    becomes one StackedLora so that every row decodes in the same compiled call."""
+    from nanojax.lora import LoraAdapter, LoraError, stack_adapters
+    from nanojax.lora.adapter import check_adapter
+
+    if lora is None:
+        return None
+    if isinstance(lora, LoraAdapter):
+        check_adapter(lora, cfg)
+        return lora
+    if isinstance(lora, list | tuple):
+        if len(lora) != n_prompts:
+            raise LoraError(f"lora is a list of {len(lora)} adapters for {n_prompts} prompts; give one per "
+                            "prompt (None for a row without one), or a single adapter for all")
+        return None if all(a is None for a in lora) else stack_adapters(list(lora), cfg)
+    raise LoraError(f"lora must be a LoraAdapter, a list of them (None allowed) per prompt, or None; got "
+                    f"{type(lora).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,6 +147,7 @@ def generate_stream(
     detokenize: Callable[[list[int]], str] | None = None,
     overflow: str = "error",
     kv_cache_dtype: str | None = None,
+    lora: Any = None,
 ) -> Iterator[list[list[int]]]:
     """Like `generate`, but yields the new tokens as they come: one list per prompt per chunk.
 
@@ -141,20 +162,22 @@ def generate_stream(
       going past the context like nanoGPT's crop: when the longest row's context is full, every
       unfinished row is re-prefilled with its last max_seq_len // 2 tokens and decoding goes on
       (positions restart at 0; the model sees only that window). Each slide costs one prefill.
+    lora: as in `generate`.
     """
-    prompts, stops = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                               repetition_penalty, stop_tokens, overflow, chunk_size, stop_strings,
-                               detokenize, kv_cache_dtype)
+    prompts, stops, lora = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                     repetition_penalty, stop_tokens, overflow, chunk_size, stop_strings,
+                                     detokenize, kv_cache_dtype, lora)
     yield from _stream(params, cfg, prompts, int(max_new_tokens), temperature, top_k, top_p, min_p,
                        repetition_penalty, stops, seed, int(chunk_size), stop_strings, detokenize,
-                       kv_cache_dtype=kv_cache_dtype)
+                       kv_cache_dtype=kv_cache_dtype, lora=lora)
 
 
 def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, temperature: float,
             top_k: int | None, top_p: float | None, min_p: float | None,
             repetition_penalty: float | None, stops: list[int], seed: int, chunk_size: int,
             stop_strings: Sequence[str] | None, detokenize: Callable[[list[int]], str] | None,
-            logits_log: list | None = None, kv_cache_dtype: str | None = None) -> Iterator[list[list[int]]]:
+            logits_log: list | None = None, kv_cache_dtype: str | None = None,
+            lora: Any = None) -> Iterator[list[list[int]]]:
     """The validated core of generate_stream: rounds (one per slide) of prefill + decode chunks.
 
     logits_log: when a list, each round appends (rows, float32 logits (B_round, t, V)).
@@ -175,8 +198,9 @@ def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new:
         if round_idx > 0 or max(len(c) for c in ctx) >= T:  # the longest row filled the context:
             ctx = [c[-(T // 2):] for c in ctx]  # slide, every row to its last T // 2 tokens
         budget = min(remaining, T - max(len(c) for c in ctx))
+        round_lora = lora.rows(rows) if hasattr(lora, "rows") else lora  # a StackedLora: these rows' ids
         rnd = _start(params, cfg, ctx, budget, spec, knobs, stop_arr, seed, round_idx,
-                     debug=logits_log is not None, kv_cache_dtype=kv_cache_dtype)
+                     debug=logits_log is not None, kv_cache_dtype=kv_cache_dtype, lora=round_lora)
         base = [len(generated[b]) for b in rows]
         target = 0
         while True:
@@ -237,6 +261,7 @@ def generate(
     overflow: str = "error",
     return_logits: bool = False,
     kv_cache_dtype: str | None = None,
+    lora: Any = None,
 ) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
     """New tokens for each prompt: a ragged batch in, a ragged list of new token ids out.
 
@@ -260,20 +285,23 @@ def generate(
         sampler) that produced each new token: a debugging and testing aid (costs memory).
       kv_cache_dtype: None keeps the KV cache in the compute dtype; "int8" stores it as int8
         with one scale per token and kv head (~4x less cache memory; infer/engine.py).
+      lora: a LoRA adapter (nanojax.lora) for every row, or a list with one adapter or None per
+        prompt: the rows' adapters are stacked (ranks zero-padded to the largest) and each row's
+        low-rank update gathered inside the one compiled prefill and decode.
 
     Returns:
       list of B lists of new token ids (and the logits list when return_logits).
     """
-    prompts, stops = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
-                               repetition_penalty, stop_tokens, overflow, 1, stop_strings, detokenize,
-                               kv_cache_dtype)
+    prompts, stops, lora = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
+                                     repetition_penalty, stop_tokens, overflow, 1, stop_strings, detokenize,
+                                     kv_cache_dtype, lora)
     out: list[list[int]] = [[] for _ in prompts]
     logits_log: list | None = [] if return_logits else None
     # Without stop strings one chunk covers the whole budget: the host syncs once, at the end.
     chunk = 16 if stop_strings else max(1, int(max_new_tokens))
     for part in _stream(params, cfg, prompts, int(max_new_tokens), temperature, top_k, top_p, min_p,
                         repetition_penalty, stops, seed, chunk, stop_strings, detokenize, logits_log,
-                        kv_cache_dtype):
+                        kv_cache_dtype=kv_cache_dtype, lora=lora):
         for b, toks in enumerate(part):
             out[b].extend(toks)
     if logits_log is None:

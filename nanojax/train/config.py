@@ -68,6 +68,16 @@ def default_config(preset: str = "gpt2-small", **model_overrides: Any) -> ml_col
     # Gradient checkpointing per block: none|full|dots|dots_no_batch|names (ModelConfig.remat);
     # when set it replaces model.remat.
     c.remat = ml_collections.config_dict.placeholder(str)
+    # LoRA fine-tuning (nanojax/train/lora_run.py): rank > 0 trains only an adapter over the frozen
+    # `base` (a training workdir or an HF directory), whose model config replaces `model`.
+    c.lora = ml_collections.ConfigDict({
+        "rank": 0,  # 0: no LoRA, train the whole model
+        "targets": "q,v",  # Llama: q,k,v,o,gate,up,down; GPT-2: c_attn,c_proj,c_fc (nanojax.lora)
+        "alpha": 0.0,  # scaling alpha / rank; 0 means the rank (scaling 1)
+        "dropout": 0.0,  # on the adapter's input only, as PEFT's lora_dropout
+        "rslora": False,  # scaling alpha / sqrt(rank) (rsLoRA)
+        "base": "",
+    })
     return c
 
 
@@ -136,7 +146,7 @@ _RANGES: tuple[tuple[str, bool, float, bool, float | None, str], ...] = (
     ("model.init_std", False, 0, True, None, "std of the normal init"),
 )
 # train() reads these with a default
-_OPTIONAL = ("profile", "keep_checkpoints", "eval_full_at_end", "sharding_mode", "remat")
+_OPTIONAL = ("profile", "keep_checkpoints", "eval_full_at_end", "sharding_mode", "remat", "lora")
 _BOOLS = (("eval_full_at_end", "the whole-split val loss after the last step"),)
 
 
@@ -374,5 +384,32 @@ def validate_config(config: ml_collections.ConfigDict, *, n_devices: int | None 
     if sizes:
         _check_parallelism(config, sizes, mode, n_processes, problems)
     _check_data_dir(config, problems)
+    _check_lora(config, problems)
     if problems:
         raise ConfigError(problems)
+
+
+def _check_lora(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+    lora = config.get("lora")
+    if not isinstance(lora, ml_collections.ConfigDict):
+        return
+    rank = lora.get("rank", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        problems.append(f"lora.rank={rank!r}: must be an integer >= 1 for LoRA, or 0 for none; set "
+                        "--config.lora.rank (e.g. 8)")
+        return
+    if rank == 0:
+        return
+    alpha, dropout = lora.get("alpha", 0.0), lora.get("dropout", 0.0)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha >= 0:
+        problems.append(f"lora.alpha={alpha!r}: must be a number > 0, or 0 for the rank; set "
+                        "--config.lora.alpha")
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        problems.append(f"lora.dropout={dropout!r}: must be in [0, 1); set --config.lora.dropout")
+    base = lora.get("base", "")
+    if not base:
+        problems.append("lora.base='': LoRA fine-tunes a base model; set --config.lora.base to a training "
+                        "workdir or a Hugging Face model directory")
+    elif not (Path(base) / "config.json").is_file():
+        problems.append(f"lora.base={base!r}: no config.json there, so it is neither a training workdir "
+                        "nor a Hugging Face model directory; set --config.lora.base")

@@ -21,6 +21,7 @@ from nanojax.checkpoint import Checkpointer
 from nanojax.config import ModelConfig
 from nanojax.metrics import MetricsWriter, memory_stats, mfu, write_atomic
 from nanojax.tokenizer import load_tokenizer
+from nanojax.train import lora_run
 from nanojax.train.config import _parse_profile, model_config_from, validate_config
 from nanojax.train.step import Run, build
 
@@ -35,11 +36,20 @@ class WorkdirMismatchError(ValueError):
     """The workdir holds a run of a different model."""
 
 
-def _check_workdir(workdir: Path, cfg: ModelConfig) -> None:
+def _check_workdir(workdir: Path, cfg: ModelConfig, base_ref: dict[str, str] | None = None) -> None:
     path = workdir / CONFIG_FILE
     if not path.exists():
         return
-    saved = json.loads(path.read_text()).get("model", {})
+    whole = json.loads(path.read_text())
+    saved_ref = whole.get("lora_base")
+    if bool(saved_ref) != bool(base_ref):
+        what = "a LoRA fine-tuning run" if saved_ref else "a full-model run"
+        raise WorkdirMismatchError(
+            f"{workdir} holds {what}; this config {'trains LoRA' if base_ref else 'trains the whole model'}. "
+            "Nothing was changed. Use a new --workdir, or the original config to resume that run.")
+    if base_ref:
+        lora_run.check_base(saved_ref, base_ref["path"], base_ref["fingerprint"], workdir)
+    saved = whole.get("model", {})
     if isinstance(saved.get("remat"), bool):  # written before remat named a policy: true is "full"
         saved["remat"] = "full" if saved["remat"] else "none"
     current = cfg.to_dict()
@@ -110,15 +120,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     validate_config(config)
     workdir = Path(workdir).absolute()
     meta = data_lib.load_meta(config.data_dir)
-    cfg = model_config_from(config, meta["vocab_size"])
+    lora_on = lora_run.lora_enabled(config)
+    base_ref = None
+    if lora_on:  # the model is the base's; only an adapter trains (train/lora_run.py)
+        cfg, base_params = lora_run.load_base(config.lora.base)
+        if meta["vocab_size"] > cfg.vocab_size:
+            raise WorkdirMismatchError(
+                f"data_dir={config.data_dir!r} has {meta['vocab_size']} tokens but the LoRA base "
+                f"{config.lora.base} has vocab_size={cfg.vocab_size}; prepare the data with the base's "
+                "tokenizer")
+        base_ref = {"path": str(Path(config.lora.base).absolute()),
+                    "fingerprint": lora_run.base_fingerprint(base_params)}
+    else:
+        cfg = model_config_from(config, meta["vocab_size"])
     T = cfg.max_seq_len
-    _check_workdir(workdir, cfg)
+    _check_workdir(workdir, cfg, base_ref)
     train_tokens = data_lib.load_split(config.data_dir, "train", T, cfg.vocab_size)
     val_tokens = data_lib.load_split(config.data_dir, "val", T, cfg.vocab_size)
     profile = _parse_profile(config.get("profile", ""))
 
     B, A = config.batch_size, config.grad_accum
-    run = build(config, cfg)
+    run = lora_run.build_lora(config, cfg, base_params)[0] if lora_on else build(config, cfg)
     step_fn, eval_fn = run.step_fn, run.eval_fn
     batch_sh, eval_sh = run.batch_sharding, run.eval_batch_sharding
 
@@ -138,10 +160,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
 
     is_main = jax.process_index() == 0
     if is_main:  # atomically: a kill mid-write must not leave a resumable run without its config
-        write_atomic(workdir / CONFIG_FILE, json.dumps(
-            {"model": cfg.to_dict(), "train": config.to_dict()}, indent=2, default=str))
+        record = {"model": cfg.to_dict(), "train": config.to_dict()}
+        if base_ref:
+            record["lora_base"] = base_ref
+        write_atomic(workdir / CONFIG_FILE, json.dumps(record, indent=2, default=str))
         load_tokenizer(config.data_dir).save(workdir)
     writer = MetricsWriter(workdir / "metrics.jsonl", resume_step=start) if is_main else None
+    if lora_on:
+        trainable = sum(int(x.size) for x in jax.tree.leaves(params))
+        frozen = lora_run.count_frozen(base_params)
+        summary_counts = {"trainable_params": trainable, "frozen_params": frozen}
+        if is_main:
+            print(f"LoRA: {trainable:,} trainable params (rank {config.lora.rank}, targets "
+                  f"{config.lora.targets}; {100 * trainable / frozen:.2f}% of the base's {frozen:,}, frozen)",
+                  flush=True)
+            writer.write({"step": start, **summary_counts})
 
     tokens_per_step = A * B * T
     pid, pcount = jax.process_index(), jax.process_count()
@@ -164,6 +197,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
 
     summary: dict[str, Any] = {"start_step": start, "interrupted": None,
                                "skipped_checkpoints": restored.skipped if restored else []}
+    if lora_on:
+        summary.update(summary_counts)
     smooth: dict[str, float | None] = {"tps": None}  # the progress bar's moving average
     last_train_loss = math.nan
     pending = None  # (step, metrics) of the step in flight: fetched after the next is dispatched

@@ -23,36 +23,43 @@ from nanojax.optim import lr_schedule, make_optimizer
 
 
 def token_losses(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
-                 dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Next-token cross-entropy of every position: float32 (B, T) nats. x, y: int32 (B, T)."""
-    logits = forward(params, x, cfg, dropout_rng=dropout_rng)  # (B, T, V) float32
+                 dropout_rng: jax.Array | None = None, lora: Any = None) -> jax.Array:
+    """Next-token cross-entropy of every position: float32 (B, T) nats. x, y: int32 (B, T).
+    lora: an adapter applied on top of params (nanojax.lora)."""
+    logits = forward(params, x, cfg, dropout_rng=dropout_rng, lora=lora)  # (B, T, V) float32
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
 def loss_fn(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
-            dropout_rng: jax.Array | None = None) -> jax.Array:
+            dropout_rng: jax.Array | None = None, lora: Any = None) -> jax.Array:
     """Mean next-token cross-entropy (nats). x, y: int32 (B, T)."""
-    return token_losses(params, x, y, cfg, dropout_rng).mean()
+    return token_losses(params, x, y, cfg, dropout_rng, lora).mean()
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
                     schedule: optax.Schedule | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> Callable:
+                    mesh: jax.sharding.Mesh | None = None, loss: Callable = loss_fn,
+                    use_dropout: bool | None = None) -> Callable:
     """The un-jitted step. x, y: int32 (A, B, T) with A micro-batches accumulated per update.
 
     With `schedule`, the metrics carry the step's learning rate too (computed on the device, so
     the host loop dispatches nothing but the step). With `mesh`, activations are pinned to it by
-    logical axes while the step is traced (sharding.activation_sharding)."""
+    logical axes while the step is traced (sharding.activation_sharding).
+
+    `loss(params, x, y, cfg, dropout_rng, *frozen)` is differentiated w.r.t. `params` only; the
+    step takes the `frozen` trees after `step` (LoRA: the base model, which gets no gradient and
+    no optimizer state). use_dropout: draw dropout keys (default: cfg.dropout > 0)."""
     base_key = jax.random.key(seed)
+    use_dropout = cfg.dropout > 0 if use_dropout is None else use_dropout
+    objective = loss  # `loss` is the step's value below
 
-    def step_fn(params, opt_state, x, y, step):
+    def step_fn(params, opt_state, x, y, step, *frozen):
         with shd.activation_sharding(mesh):
-            return _step(params, opt_state, x, y, step)
+            return _step(params, opt_state, x, y, step, frozen)
 
-    def _step(params, opt_state, x, y, step):
-        use_dropout = cfg.dropout > 0
+    def _step(params, opt_state, x, y, step, frozen):
         rng = jax.random.fold_in(base_key, step)
-        grad_fn = jax.value_and_grad(loss_fn)
+        grad_fn = jax.value_and_grad(lambda p, *a: objective(p, *a, *frozen))
         A = x.shape[0]
         if A == 1:
             loss, grads = grad_fn(params, x[0], y[0], cfg, rng if use_dropout else None)
@@ -85,9 +92,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
 
 
 def make_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
-    def eval_fn(params, x, y):
+    def eval_fn(params, x, y, lora=None):
         with shd.activation_sharding(mesh):
-            return loss_fn(params, x, y, cfg)
+            return loss_fn(params, x, y, cfg, lora=lora)
 
     return eval_fn
 
@@ -96,9 +103,9 @@ def make_eval_sum_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) 
     """The un-jitted weighted loss sum: (params, x, y, w) -> float32 scalar, sum of w * per-token
     loss in nats. x, y: int32 (B, T); w: float32 (B, T), 1 for a position to count, 0 for padding.
     A sum, not a mean, so the host can weight batches by their token counts (loop.evaluate_full)."""
-    def eval_sum_fn(params, x, y, w):
+    def eval_sum_fn(params, x, y, w, lora=None):
         with shd.activation_sharding(mesh):
-            return jnp.sum(token_losses(params, x, y, cfg) * w)
+            return jnp.sum(token_losses(params, x, y, cfg, lora=lora) * w)
 
     return eval_sum_fn
 
