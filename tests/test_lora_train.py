@@ -173,3 +173,20 @@ def test_trained_adapter_exports_to_peft_and_samples(halves, tuned, tmp_path, co
                          check=True, env=env, capture_output=True, text=True).stdout
     ids = nj.generate(base, cfg, [tok.encode("ROMEO:")], max_new_tokens=20, lora=adapter)[0]
     assert out.rstrip("\n") == "ROMEO:" + tok.decode(ids)
+
+
+def test_qlora_int4_base_trains_and_tracks_the_fp32_base_run(halves, tuned, tmp_path):
+    """--config.lora.quantize=int4: the same fine-tune over the base held in int4 (group 32). Its
+    val loss lands near the fp32-base run's and below the base's own; the run's base is records."""
+    _, second, base_dir = halves
+    config, _, summary, _ = tuned
+    qconfig = ml_collections.ConfigDict(config.to_dict())
+    qconfig.lora.quantize = "int4"
+    q = train(qconfig, tmp_path / "qlora", progress=False)
+    cfg, base, _ = nj.load_checkpoint(base_dir)
+    before = _val_loss(base, cfg, second, config)
+    assert q["val_loss"] < before - 0.01, (before, q["val_loss"])
+    assert abs(q["val_loss"] - summary["val_loss"]) < 0.03, (q["val_loss"], summary["val_loss"])
+    _, qbase, adapter, _ = load_lora_workdir(tmp_path / "qlora")
+    assert isinstance(qbase["layers"][0]["attn"]["wq"], nj.dense.Weight)
+    assert q["val_loss"] == pytest.approx(_val_loss(qbase, cfg, second, config, lora=adapter), abs=1e-4)

@@ -1,11 +1,9 @@
 """QLoRA: LoRA over a quantized, frozen base through the same matmul seam, with no LoRA code that
 knows about quantization.
 
-test_lora_over_a_weight_record_* run today, over a real int8 quantizer written here (per output
-column, symmetric: q = round(w / s), s = max|w| / 127), compared with the same model whose weights
-are those dequantized arrays. test_qlora_int4_trains_like_fp32_lora needs `nj.quantize` from the
-quantization issue (12), not on this branch: it is marked QLORA_AT_MERGE below; the integrator
-removes the mark once that lands.
+The base is quantized by `nj.quantize` (int8 per channel; int4 group 32) and compared with the same
+model whose weights are those records dequantized (`nanojax.quant.dequantize`), and, for training,
+with LoRA over the fp32 base.
 """
 
 from __future__ import annotations
@@ -15,53 +13,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import struct
 
 import nanojax as nj
 from nanojax.dense import Weight
 from nanojax.lora import init_lora
 from nanojax.optim import make_optimizer
+from nanojax.quant import dequantize
 from nanojax.train.step import loss_fn, make_train_step
 
-CFG = nj.ModelConfig.preset("llama-tiny", n_layer=2, max_seq_len=32)
-QUANTIZED = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-
-
-@struct.dataclass
-class Int8Columns:
-    """A real int8 weight: q int8 (I, O), scale float32 (O,); the weight is q * scale."""
-
-    q: jax.Array
-    scale: jax.Array
-
-    def matmul(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        return (x.astype(dtype) @ self.q.astype(dtype)) * self.scale.astype(dtype)
-
-
-def _quantize(w: np.ndarray) -> tuple[Int8Columns, np.ndarray]:
-    """(the record, its dequantized weight in w's shape)."""
-    w2 = np.asarray(w, np.float32).reshape(-1, w.shape[-1] if w.ndim == 2 else int(np.prod(w.shape[1:])))
-    if w.ndim == 3 and w.shape[-1] == CFG.d_model:  # wo (N, H, D): I = N*H
-        w2 = np.asarray(w, np.float32).reshape(-1, CFG.d_model)
-    scale = np.abs(w2).max(axis=0) / 127.0
-    q = np.round(w2 / scale).astype(np.int8)
-    return Int8Columns(jnp.asarray(q), jnp.asarray(scale)), (q * scale).reshape(w.shape)
+# d_ff 192: int4's groups (32, 64, 128) must divide every input dim (llama-tiny's 176 does not)
+CFG = nj.ModelConfig.preset("llama-tiny", n_layer=2, max_seq_len=32, d_ff=192)
 
 
 @pytest.fixture(scope="module")
 def bases():
     params = jax.device_get(jax.jit(nj.init_params, static_argnums=0)(CFG, jax.random.key(0)))
-    qparams = jax.tree.map(lambda x: x, params)
-    deq = jax.tree.map(lambda x: x, params)
-    for i, layer in enumerate(params["layers"]):
-        for sub in ("attn", "mlp"):
-            for name in QUANTIZED:
-                if name in layer[sub]:
-                    rec, w = _quantize(layer[sub][name])
-                    qparams["layers"][i][sub][name] = rec
-                    deq["layers"][i][sub][name] = jnp.asarray(w, jnp.float32)
+    qparams = nj.quantize(params, CFG, "int8", embeddings=False)
     assert isinstance(qparams["layers"][0]["attn"]["wq"], Weight)
-    return qparams, deq
+    return qparams, dequantize(qparams)
 
 
 def _adapter(seed=1):
@@ -114,11 +83,7 @@ def test_lora_over_a_weight_record_trains_like_over_its_dequantized_arrays(bases
     assert q[-5:].mean() < q[0] - 0.3, q  # it learns
 
 
-# QLORA_AT_MERGE: enable when nj.quantize (issue 12) is merged: delete the skip mark below.
-@pytest.mark.skip(reason="QLORA_AT_MERGE: needs nj.quantize from the quantization issue (12); "
-                  "the integrator removes this mark after the merge")
-def test_qlora_int4_trains_like_fp32_lora(bases):
-    _, fp32 = bases  # any base: fp32 here, its int4 quantization below
+def test_qlora_int4_trains_like_fp32_lora():
     params = jax.device_get(nj.init_params(CFG, jax.random.key(0)))
     q4 = nj.quantize(params, CFG, "int4", group_size=32)
     fp, qq = _lora_losses(params, steps=40), _lora_losses(q4, steps=40)

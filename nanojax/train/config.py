@@ -77,6 +77,9 @@ def default_config(preset: str = "gpt2-small", **model_overrides: Any) -> ml_col
         "dropout": 0.0,  # on the adapter's input only, as PEFT's lora_dropout
         "rslora": False,  # scaling alpha / sqrt(rank) (rsLoRA)
         "base": "",
+        # QLoRA: "int8" or "int4" (group 32) holds the frozen base quantized (nj.quantize); "" keeps it
+        # in its own dtype. The adapter trains in the compute dtype either way.
+        "quantize": "",
     })
     return c
 
@@ -406,6 +409,10 @@ def _check_lora(config: ml_collections.ConfigDict, problems: list[str]) -> None:
                         "--config.lora.alpha")
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         problems.append(f"lora.dropout={dropout!r}: must be in [0, 1); set --config.lora.dropout")
+    scheme = lora.get("quantize", "")
+    if scheme not in ("", "int8", "int4"):
+        problems.append(f"lora.quantize={scheme!r}: must be 'int8' or 'int4' (QLoRA), or '' for an "
+                        "unquantized base; set --config.lora.quantize")
     base = lora.get("base", "")
     if not base:
         problems.append("lora.base='': LoRA fine-tunes a base model; set --config.lora.base to a training "

@@ -27,6 +27,7 @@ from nanojax.config import ModelConfig
 from nanojax.lora import LoraAdapter, LoraError, init_lora
 from nanojax.model import Params
 from nanojax.optim import lr_schedule, make_optimizer
+from nanojax.quant import quantize
 from nanojax.train.step import Run, loss_fn, make_eval_step, make_eval_sum_step, make_train_step
 
 
@@ -64,6 +65,13 @@ def adapter_template(config: ml_collections.ConfigDict, cfg: ModelConfig, key: j
                      dropout=c.dropout, rslora=c.rslora)
 
 
+def quantize_base(config: ml_collections.ConfigDict, cfg: ModelConfig, base: Params) -> Params:
+    """The base as the run uses it: quantized by `nj.quantize` when config.lora.quantize names a
+    scheme (QLoRA: "int8" per channel, "int4" group 32; embeddings stay float), else unchanged."""
+    scheme = config.lora.get("quantize", "")
+    return quantize(base, cfg, scheme, embeddings=False) if scheme else base
+
+
 def build_lora(config: ml_collections.ConfigDict, cfg: ModelConfig, base: Params) -> tuple[Run, LoraAdapter]:
     """Run over the adapter's weights, the base bound into every call (see the module docstring).
 
@@ -77,9 +85,11 @@ def build_lora(config: ml_collections.ConfigDict, cfg: ModelConfig, base: Params
     optimizer = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
                                grad_clip=config.grad_clip,
                                mask=lambda tree: jax.tree.map(lambda _: True, tree))
-    p_sh = shd.param_shardings(cfg, mesh)
-    base = jax.device_put(base, p_sh)
     repl = shd.replicated(mesh)  # the adapter is small: every device holds all of it
+    base = quantize_base(config, cfg, base)
+    # A quantized base (QLoRA) is replicated: the logical-axis rules name plain arrays only.
+    p_sh = repl if config.lora.get("quantize") else shd.param_shardings(cfg, mesh)
+    base = jax.device_put(base, p_sh)
     batch_sh, eval_sh = shd.batch_sharding(mesh, ndim=3), shd.batch_sharding(mesh)
 
     def loss(weights, x, y, cfg, rng, base):
@@ -146,8 +156,9 @@ def load_lora_workdir(workdir: str | Path) -> tuple[ModelConfig, Params, LoraAda
         ckpt.close()
     if found is None:
         raise LoraError(f"no checkpoint in {workdir / 'checkpoints'}; train longer first")
-    return cfg, base, template.replace(weights=found.params), load_tokenizer(workdir)
+    adapter = template.replace(weights=found.params)
+    return cfg, quantize_base(config, cfg, base), adapter, load_tokenizer(workdir)
 
 
 __all__ = ["adapter_template", "base_fingerprint", "build_lora", "check_base", "count_frozen",
-           "load_base", "load_lora_workdir", "lora_enabled"]
+           "load_base", "load_lora_workdir", "lora_enabled", "quantize_base"]
