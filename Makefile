@@ -1,6 +1,7 @@
 # The README's two commands. Each sets itself up in a local virtual environment (.venv).
 #   make quickstart [SHAKESPEARE=path/to/input.txt]   train the CPU config and print a sample
 #   make test                                         install the test extra, ruff, pytest
+#   make kernels                                      build the quantized CPU kernels ahead of first use
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ DATA ?= data/shakespeare_char
 WORKDIR ?= out/shakespeare_char_cpu
 PYTEST_ARGS ?= -n 2
 
-.PHONY: quickstart test install install-test data clean
+.PHONY: quickstart test install install-test data clean kernels
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +47,9 @@ quickstart: data
 test: install-test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+kernels: install
+	$(PY) -c "from nanojax.quant import ffi; print(ffi.build(verbose=True)); print(ffi.kernels_info())"
 
 clean:
 	rm -rf $(VENV) out data/shakespeare_char

@@ -1,0 +1,436 @@
+// Quantized matrix products for small M (decode), as XLA FFI custom calls on the CPU backend.
+//
+//   y (M, O) = x (M, I) @ W (I, O),   W stored out-major (docs/quantization.md, the layout contract):
+//   int8: q int8 (O, I),        W[i, o] = q[o, i] * scale[o, i / G]
+//   int4: q uint8 (O, I / 2),   byte j of row o = element 2j (low nibble) | element 2j+1 (high nibble),
+//                               each stored as value + 8;  W[i, o] = (nibble - 8) * scale[o, i / G]
+//
+// Why: XLA:CPU converts int8 weights to a full fp32 copy before every dot (DESIGN.md), so a decode
+// step reads 5x the bytes it needs. These kernels read the packed bytes once and widen them in
+// registers. Activations stay fp32 (a bf16 x is widened first), so the result equals the pure-JAX
+// dequantize-then-dot path up to fp32 summation order; the group scale is applied to each group's
+// partial sum, as llama.cpp's ggml_vec_dot_q8_0 / q4_0 do with theirs.
+//
+// ISA: an AVX-512 and an AVX2 version of each inner loop (GCC target attributes), picked once at
+// load time with __builtin_cpu_supports; a scalar loop for anything else. Threads: output rows are
+// split in chunks claimed from an atomic counter by the calling thread and by tasks it schedules on
+// XLA's intra-op thread pool (the FFI ThreadPool context). The caller works too and only waits for
+// chunks already claimed, so it never deadlocks when the pool is busy; the shared state is
+// reference-counted so a task that starts late finds no work and exits safely.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMaxRows = 8;  // rows of x processed together (the weight row is widened once for them)
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as XLA's convert does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Everything one call needs; rows [o0, o1) of the output are one unit of work.
+struct Problem {
+  int64_t M, I, O, G;
+  const float* x;      // (M, I) fp32
+  const float* xe;     // int4 only: (M, I/2) even elements of x
+  const float* xo;     // int4 only: (M, I/2) odd elements of x
+  const void* q;       // int8 (O, I) or uint8 (O, I/2)
+  const float* scale;  // (O, I/G) fp32
+  float* y;            // (M, O) fp32
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar reference loops (any CPU; also the tails of the vector loops).
+
+void int8_rows_scalar(const Problem& p, int64_t o0, int64_t o1) {
+  const int8_t* q = static_cast<const int8_t*>(p.q);
+  const int64_t ng = p.I / p.G;
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float part = 0.f;
+        for (int64_t i = g * p.G; i < (g + 1) * p.G; ++i) part += q[o * p.I + i] * p.x[m * p.I + i];
+        acc += part * p.scale[o * ng + g];
+      }
+      p.y[m * p.O + o] = acc;
+    }
+  }
+}
+
+void int4_rows_scalar(const Problem& p, int64_t o0, int64_t o1) {
+  const uint8_t* q = static_cast<const uint8_t*>(p.q);
+  const int64_t ng = p.I / p.G, half = p.I / 2, gh = p.G / 2;
+  for (int64_t o = o0; o < o1; ++o) {
+    for (int64_t m = 0; m < p.M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float part = 0.f;
+        for (int64_t j = g * gh; j < (g + 1) * gh; ++j) {
+          const uint8_t b = q[o * half + j];
+          part += ((b & 15) - 8) * p.xe[m * half + j] + ((b >> 4) - 8) * p.xo[m * half + j];
+        }
+        acc += part * p.scale[o * ng + g];
+      }
+      p.y[m * p.O + o] = acc;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512: 16 int8 weights widen to 16 fp32 lanes (vpmovsxbd + vcvtdq2ps) and feed one FMA per row.
+
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int8_block_avx512(
+    const Problem& p, int64_t o, int64_t m0) {
+  const int8_t* qr = static_cast<const int8_t*>(p.q) + o * p.I;
+  const int64_t ng = p.I / p.G;
+  const float* xr[MB];
+  for (int m = 0; m < MB; ++m) xr[m] = p.x + (m0 + m) * p.I;
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 part[MB];
+    for (int m = 0; m < MB; ++m) part[m] = _mm512_setzero_ps();
+    const int64_t end = (g + 1) * p.G;
+    int64_t i = g * p.G;
+    for (; i + 16 <= end; i += 16) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qr + i))));
+      for (int m = 0; m < MB; ++m) part[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr[m] + i), part[m]);
+    }
+    if (i < end) {  // a group that is not a multiple of 16 wide (per-channel int8 with odd I)
+      const __mmask16 k = static_cast<__mmask16>((1u << (end - i)) - 1);
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, qr + i)));
+      for (int m = 0; m < MB; ++m) part[m] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(k, xr[m] + i), part[m]);
+    }
+    const __m512 s = _mm512_set1_ps(p.scale[o * ng + g]);
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(s, part[m], acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.O + o] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// int4: 16 bytes = 32 weights. XOR 0x88 turns each nibble n into the 4-bit two's complement of n - 8,
+// then shifts sign-extend the low and high nibbles of each widened byte; x is pre-split into its
+// even and odd elements so both halves meet contiguous activations.
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) void int4_block_avx512(
+    const Problem& p, int64_t o, int64_t m0) {
+  const int64_t half = p.I / 2, ng = p.I / p.G, gh = p.G / 2;
+  const uint8_t* qr = static_cast<const uint8_t*>(p.q) + o * half;
+  const float *xe[MB], *xo[MB];
+  for (int m = 0; m < MB; ++m) {
+    xe[m] = p.xe + (m0 + m) * half;
+    xo[m] = p.xo + (m0 + m) * half;
+  }
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x88));
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 part[MB];
+    for (int m = 0; m < MB; ++m) part[m] = _mm512_setzero_ps();
+    for (int64_t j = g * gh; j < (g + 1) * gh; j += 16) {  // G is a multiple of 32: whole 16-byte chunks
+      const __m128i b = _mm_xor_si128(_mm_loadu_si128((const __m128i*)(qr + j)), flip);
+      const __m512i w32 = _mm512_cvtepu8_epi32(b);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w32, 28), 28));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w32, 24), 28));
+      for (int m = 0; m < MB; ++m) {
+        part[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xe[m] + j), part[m]);
+        part[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xo[m] + j), part[m]);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(p.scale[o * ng + g]);
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_fmadd_ps(s, part[m], acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.O + o] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: the same loops at 8 lanes (16 ymm registers: at most 4 rows of x at a time).
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MB>
+__attribute__((target("avx2,fma"))) void int8_block_avx2(const Problem& p, int64_t o, int64_t m0) {
+  const int8_t* qr = static_cast<const int8_t*>(p.q) + o * p.I;
+  const int64_t ng = p.I / p.G;
+  const float* xr[MB];
+  for (int m = 0; m < MB; ++m) xr[m] = p.x + (m0 + m) * p.I;
+  __m256 acc[MB];
+  float tail[MB] = {};
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 part[MB];
+    float ptail[MB] = {};
+    for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
+    const int64_t end = (g + 1) * p.G;
+    int64_t i = g * p.G;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(qr + i))));
+      for (int m = 0; m < MB; ++m) part[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr[m] + i), part[m]);
+    }
+    for (; i < end; ++i)
+      for (int m = 0; m < MB; ++m) ptail[m] += qr[i] * xr[m][i];
+    const float sc = p.scale[o * ng + g];
+    const __m256 s = _mm256_set1_ps(sc);
+    for (int m = 0; m < MB; ++m) {
+      acc[m] = _mm256_fmadd_ps(s, part[m], acc[m]);
+      tail[m] += sc * ptail[m];
+    }
+  }
+  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.O + o] = hsum256(acc[m]) + tail[m];
+}
+
+template <int MB>
+__attribute__((target("avx2,fma"))) void int4_block_avx2(const Problem& p, int64_t o, int64_t m0) {
+  const int64_t half = p.I / 2, ng = p.I / p.G, gh = p.G / 2;
+  const uint8_t* qr = static_cast<const uint8_t*>(p.q) + o * half;
+  const float *xe[MB], *xo[MB];
+  for (int m = 0; m < MB; ++m) {
+    xe[m] = p.xe + (m0 + m) * half;
+    xo[m] = p.xo + (m0 + m) * half;
+  }
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x88));
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 part[MB];
+    for (int m = 0; m < MB; ++m) part[m] = _mm256_setzero_ps();
+    for (int64_t j = g * gh; j < (g + 1) * gh; j += 8) {  // 8 bytes = 16 weights
+      const __m128i b = _mm_xor_si128(_mm_loadl_epi64((const __m128i*)(qr + j)), flip);
+      const __m256i w32 = _mm256_cvtepu8_epi32(b);
+      const __m256 lo = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w32, 28), 28));
+      const __m256 hi = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w32, 24), 28));
+      for (int m = 0; m < MB; ++m) {
+        part[m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xe[m] + j), part[m]);
+        part[m] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xo[m] + j), part[m]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(p.scale[o * ng + g]);
+    for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(s, part[m], acc[m]);
+  }
+  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.O + o] = hsum256(acc[m]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch: rows [o0, o1), all of M, in blocks of kMaxRows (AVX-512) or 4 (AVX2) rows of x.
+
+using BlockFn = void (*)(const Problem&, int64_t, int64_t);
+
+struct Isa {
+  BlockFn blocks[kMaxRows + 1];  // blocks[mb]: a kernel for mb rows (nullptr: none)
+  int max_rows;
+};
+
+// Both vector tables are built once; NANOJAX_KERNEL_ISA=avx2|scalar, read at each call, caps the
+// choice (so tests run the narrower loops on an AVX-512 machine, in-process).
+Isa make_isa(bool int4, int bits) {
+  Isa isa{};
+  if (bits == 512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
+    if (int4) {
+      isa.blocks[1] = int4_block_avx512<1>; isa.blocks[2] = int4_block_avx512<2>;
+      isa.blocks[4] = int4_block_avx512<4>; isa.blocks[8] = int4_block_avx512<8>;
+    } else {
+      isa.blocks[1] = int8_block_avx512<1>; isa.blocks[2] = int8_block_avx512<2>;
+      isa.blocks[4] = int8_block_avx512<4>; isa.blocks[8] = int8_block_avx512<8>;
+    }
+    isa.max_rows = 8;
+  } else if (bits == 256 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (int4) {
+      isa.blocks[1] = int4_block_avx2<1>; isa.blocks[2] = int4_block_avx2<2>;
+      isa.blocks[4] = int4_block_avx2<4>;
+    } else {
+      isa.blocks[1] = int8_block_avx2<1>; isa.blocks[2] = int8_block_avx2<2>;
+      isa.blocks[4] = int8_block_avx2<4>;
+    }
+    isa.max_rows = 4;
+  }
+  return isa;
+}
+
+const Isa& isa_for(bool int4) {
+  static const Isa tables[2][2] = {{make_isa(false, 512), make_isa(false, 256)},
+                                   {make_isa(true, 512), make_isa(true, 256)}};
+  static const Isa none{};
+  const char* cap = std::getenv("NANOJAX_KERNEL_ISA");
+  const bool allow512 = cap == nullptr || std::strcmp(cap, "avx512") == 0;
+  const bool allow256 = allow512 || std::strcmp(cap, "avx2") == 0;
+  const Isa& wide = tables[int4][0];
+  const Isa& narrow = tables[int4][1];
+  if (allow512 && wide.max_rows) return wide;
+  if (allow256 && narrow.max_rows) return narrow;
+  return none;
+}
+
+void run_rows(const Problem& p, const Isa& isa, bool int4, int64_t o0, int64_t o1) {
+  if (isa.max_rows == 0) {
+    (int4 ? int4_rows_scalar : int8_rows_scalar)(p, o0, o1);
+    return;
+  }
+  for (int64_t o = o0; o < o1; ++o) {
+    int64_t m = 0;
+    while (m < p.M) {
+      int mb = isa.max_rows;
+      while (mb > p.M - m) mb /= 2;  // 8, 4, 2, 1: the widest block that fits
+      isa.blocks[mb](p, o, m);
+      m += mb;
+    }
+  }
+}
+
+// Work split over output rows: the caller and pool tasks claim fixed-size chunks.
+struct Shared {
+  Problem p;
+  bool int4;
+  const Isa* isa;
+  int64_t chunk, nchunks;
+  std::atomic<int64_t> next{0}, done{0};
+};
+
+void work(Shared& s) {
+  for (;;) {
+    const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
+    if (c >= s.nchunks) return;
+    run_rows(s.p, *s.isa, s.int4, c * s.chunk, std::min(s.p.O, (c + 1) * s.chunk));
+    s.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
+                   ffi::Result<ffi::AnyBuffer> y, int64_t group_size, bool int4) {
+  const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions();
+  if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2)
+    return ffi::Error::InvalidArgument("nanojax quant kernel: x, q and scale must be 2-D");
+  const int64_t M = xd[0], I = xd[1], O = qd[0], G = group_size;
+  if (G <= 0 || I % G != 0 || qd[1] != (int4 ? I / 2 : I) || sd[0] != O || sd[1] != I / G ||
+      (int4 && G % 32 != 0))
+    return ffi::Error::InvalidArgument("nanojax quant kernel: shapes do not match the layout contract");
+  if (M == 0 || O == 0) return ffi::Error::Success();
+
+  auto sh = std::make_shared<Shared>();
+  // fp32 copies of the small operands: x (M*I) and the scales (O*I/G) when stored as bf16.
+  std::vector<float> xf, xeo, sf, yf;
+  const float* xp;
+  if (x.element_type() == ffi::F32) {
+    xp = static_cast<const float*>(x.untyped_data());
+  } else if (x.element_type() == ffi::BF16) {
+    xf.resize(M * I);
+    const uint16_t* src = static_cast<const uint16_t*>(x.untyped_data());
+    for (int64_t i = 0; i < M * I; ++i) xf[i] = bf16_to_f32(src[i]);
+    xp = xf.data();
+  } else {
+    return ffi::Error::InvalidArgument("nanojax quant kernel: x must be float32 or bfloat16");
+  }
+  const float* sp;
+  if (scale.element_type() == ffi::F32) {
+    sp = static_cast<const float*>(scale.untyped_data());
+  } else if (scale.element_type() == ffi::BF16) {
+    sf.resize(O * (I / G));
+    const uint16_t* src = static_cast<const uint16_t*>(scale.untyped_data());
+    for (size_t i = 0; i < sf.size(); ++i) sf[i] = bf16_to_f32(src[i]);
+    sp = sf.data();
+  } else {
+    return ffi::Error::InvalidArgument("nanojax quant kernel: scale must be float32 or bfloat16");
+  }
+  Problem& p = sh->p;
+  p = Problem{M, I, O, G, xp, nullptr, nullptr, q.untyped_data(), sp, nullptr};
+  if (int4) {  // split x into even / odd elements, the order the nibbles come out of a byte in
+    const int64_t half = I / 2;
+    xeo.resize(2 * M * half);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < half; ++j) {
+        xeo[m * half + j] = xp[m * I + 2 * j];
+        xeo[M * half + m * half + j] = xp[m * I + 2 * j + 1];
+      }
+    p.xe = xeo.data();
+    p.xo = xeo.data() + M * half;
+  }
+  const bool out_bf16 = y->element_type() == ffi::BF16;
+  if (out_bf16) {
+    yf.resize(M * O);
+    p.y = yf.data();
+  } else {
+    p.y = static_cast<float*>(y->untyped_data());
+  }
+  sh->int4 = int4;
+  sh->isa = &isa_for(int4);
+  // ~64 KiB of weights per chunk keeps the claim overhead negligible and the two cores balanced.
+  const int64_t row_bytes = int4 ? I / 2 : I;
+  sh->chunk = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
+  sh->nchunks = (O + sh->chunk - 1) / sh->chunk;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), sh->nchunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh] { work(*sh); });
+  work(*sh);
+  while (sh->done.load(std::memory_order_acquire) < sh->nchunks) _mm_pause();
+  if (out_bf16) {
+    uint16_t* dst = static_cast<uint16_t*>(y->untyped_data());
+    for (int64_t i = 0; i < M * O; ++i) dst[i] = f32_to_bf16(yf[i]);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
+                    ffi::Result<ffi::AnyBuffer> y, int64_t group_size) {
+  if (q.element_type() != ffi::S8) return ffi::Error::InvalidArgument("nanojax int8 kernel: q must be int8");
+  return compute(pool, x, q, scale, y, group_size, false);
+}
+
+ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
+                    ffi::Result<ffi::AnyBuffer> y, int64_t group_size) {
+  if (q.element_type() != ffi::U8) return ffi::Error::InvalidArgument("nanojax int4 kernel: q must be uint8");
+  return compute(pool, x, q, scale, y, group_size, true);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt8Matmul, Int8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("group_size"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt4Matmul, Int4Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("group_size"));
+
+// The ISA the kernels run with, for kernels_info() in nanojax/quant/ffi.py: 512, 256 or 0 (scalar).
+extern "C" int nj_quant_vector_bits() {
+  const Isa& isa = isa_for(false);
+  return isa.max_rows == 8 ? 512 : isa.max_rows == 4 ? 256 : 0;
+}
