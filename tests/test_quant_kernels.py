@@ -63,6 +63,15 @@ CASES = [
 ]
 
 
+def round_x_q8(x: np.ndarray) -> np.ndarray:
+    """x (M, I) float32 rounded as the VNNI loops do: per 32-block, scale amax / 127, round half even."""
+    M, I = x.shape
+    b = x.reshape(M, I // 32, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / amax, 0).astype(np.float32)
+    return (np.rint(b * inv) * (amax / np.float32(127))).reshape(M, I).astype(np.float64)
+
+
 def _uses_kernel(fn, *args) -> bool:
     return "nanojax_int" in jax.jit(fn, static_argnums=3).lower(*args).as_text()
 
@@ -79,6 +88,37 @@ def test_kernel_matches_numpy_and_pure_jax(kernels, monkeypatch, isa, scheme, M,
     tol = 2e-6 * np.sqrt(I) * np.abs(want).max()  # fp32 sums of I terms
     np.testing.assert_allclose(got, want, rtol=0, atol=tol)
     np.testing.assert_allclose(got, np.asarray(ref(x, q, scale, G)), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("scheme,M,I,O,G", [c for c in CASES if c[2] % 32 == 0])
+def test_int8_activations_vnni(kernels, scheme, M, I, O, G):
+    """activations="int8": the product of the weights with x rounded to int8 per 32-block, exactly
+    (to fp32 sums) where the CPU has VNNI, else the exact fp32 product; never worse than the bound."""
+    fn, _ = FNS[scheme]
+    x, q, scale, want = make(scheme, M, I, O, G, jnp.float32, seed=5)
+    got = np.asarray(fn(x, q, scale, G, activations="int8"))
+    w = _weights(scheme, q, scale, G)
+    xq = round_x_q8(np.asarray(x))
+    tol = 2e-6 * np.sqrt(I) * np.abs(want).max()
+    if ffi.kernels_info()["vnni"]:
+        np.testing.assert_allclose(got, xq @ w.T, rtol=0, atol=tol)
+        assert np.abs(got - want).max() > tol  # the rounding is really there
+    else:
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+    bound = np.abs(np.asarray(x, np.float64) - xq) @ np.abs(w).T  # (M, O): sum_i |dx_i| |w_i|
+    assert np.all(np.abs(got - want) <= bound + tol)
+
+
+def _weights(scheme, q, scale, G) -> np.ndarray:
+    """W (O, I) float64 from packed q and scales, by the contract."""
+    q, scale = np.asarray(q), np.asarray(scale, np.float64)
+    if scheme == "int8":
+        vals = q.astype(np.float64)
+    else:
+        vals = np.empty((q.shape[0], 2 * q.shape[1]))
+        vals[:, 0::2] = (q & 15).astype(np.float64) - 8
+        vals[:, 1::2] = (q >> 4).astype(np.float64) - 8
+    return vals * np.repeat(scale, G, axis=1)
 
 
 @pytest.mark.parametrize("scheme,M,I,O,G", [CASES[1], CASES[5]])

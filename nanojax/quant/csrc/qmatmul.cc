@@ -22,10 +22,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -60,6 +62,17 @@ struct Problem {
   const void* q;       // int8 (O, I) or uint8 (O, I/2)
   const float* scale;  // (O, I/G) fp32
   float* y;            // (M, O) fp32
+  // int4 with int8 activations (VNNI): x quantized per 32-element block, split even / odd, each row
+  // padded to hpad bytes (a multiple of 64) with zeros.
+  int64_t hpad;
+  const int8_t* xqe;   // (M, hpad) even elements of round(x / sx)
+  const int8_t* xqo;   // (M, hpad) odd elements
+  const int32_t* corr; // (M, hpad / 4): 8 * the sum of the 8 quantized x a dot-product lane covers
+  const float* sxl;    // (M, hpad / 4): the x block scale of each lane
+  // int8 weights with int8 activations (VNNI): round(x / sx) per 32-block, rows padded to ipad.
+  int64_t ipad;
+  const int8_t* xq;    // (M, ipad)
+  const float* sxl8;   // (M, ipad / 4): the x block scale of each 4-element lane
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -240,6 +253,137 @@ __attribute__((target("avx2,fma"))) void int4_block_avx2(const Problem& p, int64
 }
 
 // ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI, int4 weights x int8 activations, as llama.cpp's q4_0 x q8_0 dot does: x is rounded to
+// int8 per 32-element block (scale amax / 127), and vpdpbusd multiplies 4 unsigned nibbles (0..15)
+// by 4 signed activations and adds them into an int32 lane; the + 8 of the storage comes off as
+// 8 * (sum of those activations), precomputed per lane. 64 bytes (128 weights) per step, 16 lanes,
+// lane L covering bytes 4L..4L+3, i.e. weight group (j + 4L) / (G / 2) and x block L / 4.
+// The activation rounding costs accuracy: |error| <= sum_i |w_i| * sx(i) / 2 (tested against it).
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void int4_block_vnni(
+    const Problem& p, int64_t o, int64_t m0) {
+  const int64_t half = p.I / 2, gh = p.G / 2, ng = p.I / p.G;
+  const uint8_t* qr = static_cast<const uint8_t*>(p.q) + o * half;
+  const float* sr = p.scale + o * ng;
+  const __m512i nib = _mm512_set1_epi8(15);
+  // lane -> group offset within a 64-byte chunk: 4L / gh (G = 32: L / 4; 64: L / 8; 128: 0)
+  const int shift = gh == 16 ? 2 : gh == 32 ? 3 : 4;
+  const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         shift);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < half; j += 64) {
+    const int64_t nb = std::min<int64_t>(64, half - j);  // a multiple of 16 (G >= 32)
+    const __mmask64 kb = nb == 64 ? ~0ULL : ((1ULL << nb) - 1);
+    const __m512i b = _mm512_maskz_loadu_epi8(kb, qr + j);
+    const __m512i lo = _mm512_and_si512(b, nib);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+    const int64_t ns = (nb + gh - 1) / gh;  // scales this chunk touches
+    const __m512 sw = _mm512_permutexvar_ps(
+        gidx, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << ns) - 1), sr + j / gh));
+    for (int m = 0; m < MB; ++m) {
+      const int64_t r = (m0 + m) * p.hpad;
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(p.xqe + r + j));
+      d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(p.xqo + r + j));
+      d = _mm512_sub_epi32(d, _mm512_loadu_si512(p.corr + r / 4 + j / 4));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_loadu_ps(p.sxl + r / 4 + j / 4)),
+                               acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.O + o] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// AVX-512 VNNI, int8 weights x int8 activations (llama.cpp's q8_0 x q8_0 scheme): vpdpbusd takes an
+// unsigned and a signed operand, so it multiplies |w| by x carrying w's sign. 64 weights per step;
+// lane L covers elements i + 4L..i + 4L + 3, x block L / 8. Used for G = I (per channel), G = 32 and
+// G a multiple of 64, with I a multiple of 32; other shapes take the fp32-activation loop.
+template <int MB>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void int8_block_vnni(
+    const Problem& p, int64_t o, int64_t m0) {
+  const int64_t I = p.I, G = p.G, ng = I / G;
+  const int8_t* qr = static_cast<const int8_t*>(p.q) + o * I;
+  const float* sr = p.scale + o * ng;
+  const bool per_channel = ng == 1;
+  const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 3);
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < I; i += 64) {
+    const int64_t nb = std::min<int64_t>(64, I - i);  // a multiple of 32
+    const __mmask64 kb = nb == 64 ? ~0ULL : ((1ULL << nb) - 1);
+    const __m512i w = _mm512_maskz_loadu_epi8(kb, qr + i);
+    const __m512i aw = _mm512_abs_epi8(w);
+    const __mmask64 neg = _mm512_movepi8_mask(w);
+    __m512 sw;
+    if (per_channel) sw = _mm512_set1_ps(1.f);
+    else if (G == 32) sw = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(nb == 64 ? 3 : 1, sr + i / 32));
+    else sw = _mm512_set1_ps(sr[i / G]);
+    for (int m = 0; m < MB; ++m) {
+      const int64_t r = (m0 + m) * p.ipad;
+      const __m512i xv = _mm512_loadu_si512(p.xq + r + i);
+      const __m512i xs = _mm512_mask_sub_epi8(xv, neg, _mm512_setzero_si512(), xv);
+      const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), aw, xs);
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_loadu_ps(p.sxl8 + r / 4 + i / 4)),
+                               acc[m]);
+    }
+  }
+  const float s0 = per_channel ? sr[0] : 1.f;
+  for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.O + o] = s0 * _mm512_reduce_add_ps(acc[m]);
+}
+
+bool int8_vnni_shape(const Problem& p) { return p.I % 32 == 0 && (p.G == p.I || p.G == 32 || p.G % 64 == 0); }
+
+void quantize_activations8(Problem& p, std::vector<int8_t>& xq, std::vector<float>& sxl) {
+  const int64_t ipad = (p.I + 63) / 64 * 64;
+  p.ipad = ipad;
+  xq.assign(p.M * ipad, 0);
+  sxl.assign(p.M * ipad / 4, 0.f);
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* xr = p.x + m * p.I;
+    for (int64_t b0 = 0; b0 < p.I; b0 += 32) {
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xr[b0 + i]));
+      const float sx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int i = 0; i < 32; ++i)
+        xq[m * ipad + b0 + i] = static_cast<int8_t>(std::nearbyint(xr[b0 + i] * inv));
+      for (int64_t L = b0 / 4; L < (b0 + 32) / 4; ++L) sxl[m * ipad / 4 + L] = sx;
+    }
+  }
+  p.xq = xq.data();
+  p.sxl8 = sxl.data();
+}
+
+// x (M, I) fp32 -> the int8 operands of int4_block_vnni, into one buffer owned by the caller.
+void quantize_activations(Problem& p, std::vector<int8_t>& xq, std::vector<int32_t>& corr,
+                          std::vector<float>& sxl) {
+  const int64_t half = p.I / 2, hpad = (half + 63) / 64 * 64;
+  p.hpad = hpad;
+  xq.assign(2 * p.M * hpad, 0);
+  corr.assign(p.M * hpad / 4, 0);
+  sxl.assign(p.M * hpad / 4, 0.f);
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* xr = p.x + m * p.I;
+    int8_t* e = xq.data() + m * hpad;
+    int8_t* od = xq.data() + p.M * hpad + m * hpad;
+    for (int64_t b0 = 0; b0 < p.I; b0 += 32) {  // I is a multiple of 32 (G is)
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(xr[b0 + i]));
+      const float sx = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int i = 0; i < 32; ++i) {
+        const int v = static_cast<int>(std::nearbyint(xr[b0 + i] * inv));
+        const int64_t k = (b0 + i) / 2;
+        ((b0 + i) % 2 ? od : e)[k] = static_cast<int8_t>(v);
+        corr[m * hpad / 4 + k / 4] += 8 * v;
+      }
+      for (int64_t L = b0 / 8; L < (b0 + 32) / 8; ++L) sxl[m * hpad / 4 + L] = sx;
+    }
+  }
+  p.xqe = xq.data();
+  p.xqo = xq.data() + p.M * hpad;
+  p.corr = corr.data();
+  p.sxl = sxl.data();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dispatch: rows [o0, o1), all of M, in blocks of kMaxRows (AVX-512) or 4 (AVX2) rows of x.
 
 using BlockFn = void (*)(const Problem&, int64_t, int64_t);
@@ -249,13 +393,29 @@ struct Isa {
   int max_rows;
 };
 
-// Both vector tables are built once; NANOJAX_KERNEL_ISA=avx2|scalar, read at each call, caps the
-// choice (so tests run the narrower loops on an AVX-512 machine, in-process).
-Isa make_isa(bool int4, int bits) {
+// Kernel kinds: int8 weights (fp32 x), int4 weights (fp32 x), int4 weights with int8 x (VNNI).
+enum Kind { kInt8 = 0, kInt4 = 1, kInt4Q8 = 2, kInt8Q8 = 3 };
+
+bool has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+}
+
+// tier 2: AVX-512 VNNI, 1: AVX-512, 0: AVX2. Empty when the CPU lacks the tier.
+Isa make_isa(Kind kind, int tier) {
   Isa isa{};
-  if (bits == 512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma")) {
-    if (int4) {
+  const bool q8 = kind == kInt4Q8 || kind == kInt8Q8;
+  if (tier == 2 && q8 && has_avx512() && __builtin_cpu_supports("avx512vnni")) {
+    if (kind == kInt4Q8) {
+      isa.blocks[1] = int4_block_vnni<1>; isa.blocks[2] = int4_block_vnni<2>;
+      isa.blocks[4] = int4_block_vnni<4>; isa.blocks[8] = int4_block_vnni<8>;
+    } else {
+      isa.blocks[1] = int8_block_vnni<1>; isa.blocks[2] = int8_block_vnni<2>;
+      isa.blocks[4] = int8_block_vnni<4>; isa.blocks[8] = int8_block_vnni<8>;
+    }
+    isa.max_rows = 8;
+  } else if (tier == 1 && !q8 && has_avx512()) {
+    if (kind == kInt4) {
       isa.blocks[1] = int4_block_avx512<1>; isa.blocks[2] = int4_block_avx512<2>;
       isa.blocks[4] = int4_block_avx512<4>; isa.blocks[8] = int4_block_avx512<8>;
     } else {
@@ -263,8 +423,8 @@ Isa make_isa(bool int4, int bits) {
       isa.blocks[4] = int8_block_avx512<4>; isa.blocks[8] = int8_block_avx512<8>;
     }
     isa.max_rows = 8;
-  } else if (bits == 256 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    if (int4) {
+  } else if (tier == 0 && !q8 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (kind == kInt4) {
       isa.blocks[1] = int4_block_avx2<1>; isa.blocks[2] = int4_block_avx2<2>;
       isa.blocks[4] = int4_block_avx2<4>;
     } else {
@@ -276,23 +436,37 @@ Isa make_isa(bool int4, int bits) {
   return isa;
 }
 
-const Isa& isa_for(bool int4) {
-  static const Isa tables[2][2] = {{make_isa(false, 512), make_isa(false, 256)},
-                                   {make_isa(true, 512), make_isa(true, 256)}};
+// The widest loops this CPU has for `kind`. The tables are built once; NANOJAX_KERNEL_ISA =
+// vnni | avx512 | avx2 | scalar, read at each call, caps the choice (tests run every tier in-process).
+// An int8-activation request without VNNI runs the fp32-activation int4 loops (exact, slower).
+const Isa& isa_for(Kind kind, Kind* ran) {
+  static const Isa tables[4][3] = {
+      {make_isa(kInt8, 0), make_isa(kInt8, 1), make_isa(kInt8, 2)},
+      {make_isa(kInt4, 0), make_isa(kInt4, 1), make_isa(kInt4, 2)},
+      {make_isa(kInt4Q8, 0), make_isa(kInt4Q8, 1), make_isa(kInt4Q8, 2)},
+      {make_isa(kInt8Q8, 0), make_isa(kInt8Q8, 1), make_isa(kInt8Q8, 2)}};
   static const Isa none{};
   const char* cap = std::getenv("NANOJAX_KERNEL_ISA");
-  const bool allow512 = cap == nullptr || std::strcmp(cap, "avx512") == 0;
-  const bool allow256 = allow512 || std::strcmp(cap, "avx2") == 0;
-  const Isa& wide = tables[int4][0];
-  const Isa& narrow = tables[int4][1];
-  if (allow512 && wide.max_rows) return wide;
-  if (allow256 && narrow.max_rows) return narrow;
+  int top = 2;
+  if (cap != nullptr && std::strcmp(cap, "avx512") == 0) top = 1;
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) top = 0;
+  if (cap != nullptr && std::strcmp(cap, "scalar") == 0) top = -1;
+  if (kind == kInt4Q8 || kind == kInt8Q8) {
+    if (top == 2 && tables[kind][2].max_rows) {
+      *ran = kind;
+      return tables[kind][2];
+    }
+    kind = kind == kInt4Q8 ? kInt4 : kInt8;
+  }
+  *ran = kind;
+  for (int t = top; t >= 0; --t)
+    if (tables[kind][t].max_rows) return tables[kind][t];
   return none;
 }
 
-void run_rows(const Problem& p, const Isa& isa, bool int4, int64_t o0, int64_t o1) {
+void run_rows(const Problem& p, const Isa& isa, Kind kind, int64_t o0, int64_t o1) {
   if (isa.max_rows == 0) {
-    (int4 ? int4_rows_scalar : int8_rows_scalar)(p, o0, o1);
+    (kind == kInt8 || kind == kInt8Q8 ? int8_rows_scalar : int4_rows_scalar)(p, o0, o1);
     return;
   }
   for (int64_t o = o0; o < o1; ++o) {
@@ -309,7 +483,7 @@ void run_rows(const Problem& p, const Isa& isa, bool int4, int64_t o0, int64_t o
 // Work split over output rows: the caller and pool tasks claim fixed-size chunks.
 struct Shared {
   Problem p;
-  bool int4;
+  Kind kind;
   const Isa* isa;
   int64_t chunk, nchunks;
   std::atomic<int64_t> next{0}, done{0};
@@ -319,13 +493,14 @@ void work(Shared& s) {
   for (;;) {
     const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
     if (c >= s.nchunks) return;
-    run_rows(s.p, *s.isa, s.int4, c * s.chunk, std::min(s.p.O, (c + 1) * s.chunk));
+    run_rows(s.p, *s.isa, s.kind, c * s.chunk, std::min(s.p.O, (c + 1) * s.chunk));
     s.done.fetch_add(1, std::memory_order_release);
   }
 }
 
 ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
-                   ffi::Result<ffi::AnyBuffer> y, int64_t group_size, bool int4) {
+                   ffi::Result<ffi::AnyBuffer> y, int64_t group_size, Kind want) {
+  const bool int4 = want == kInt4 || want == kInt4Q8;
   const auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions();
   if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2)
     return ffi::Error::InvalidArgument("nanojax quant kernel: x, q and scale must be 2-D");
@@ -337,7 +512,9 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
 
   auto sh = std::make_shared<Shared>();
   // fp32 copies of the small operands: x (M*I) and the scales (O*I/G) when stored as bf16.
-  std::vector<float> xf, xeo, sf, yf;
+  std::vector<float> xf, xeo, sf, yf, sxl;
+  std::vector<int8_t> xq;  // int8 activations, when the VNNI loops run
+  std::vector<int32_t> corr;
   const float* xp;
   if (x.element_type() == ffi::F32) {
     xp = static_cast<const float*>(x.untyped_data());
@@ -361,8 +538,17 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
     return ffi::Error::InvalidArgument("nanojax quant kernel: scale must be float32 or bfloat16");
   }
   Problem& p = sh->p;
-  p = Problem{M, I, O, G, xp, nullptr, nullptr, q.untyped_data(), sp, nullptr};
-  if (int4) {  // split x into even / odd elements, the order the nibbles come out of a byte in
+  p = Problem{M, I, O, G, xp, nullptr, nullptr, q.untyped_data(), sp, nullptr, 0, nullptr, nullptr, nullptr,
+              nullptr, 0, nullptr, nullptr};
+  if (want == kInt8Q8 && !int8_vnni_shape(p)) want = kInt8;
+  Kind kind;
+  sh->isa = &isa_for(want, &kind);
+  sh->kind = kind;
+  if (kind == kInt4Q8) {
+    quantize_activations(p, xq, corr, sxl);
+  } else if (kind == kInt8Q8) {
+    quantize_activations8(p, xq, sxl);
+  } else if (int4) {  // split x into even / odd elements, the order the nibbles come out of a byte in
     const int64_t half = I / 2;
     xeo.resize(2 * M * half);
     for (int64_t m = 0; m < M; ++m)
@@ -380,16 +566,22 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
   } else {
     p.y = static_cast<float*>(y->untyped_data());
   }
-  sh->int4 = int4;
-  sh->isa = &isa_for(int4);
   // ~64 KiB of weights per chunk keeps the claim overhead negligible and the two cores balanced.
   const int64_t row_bytes = int4 ? I / 2 : I;
   sh->chunk = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
   sh->nchunks = (O + sh->chunk - 1) / sh->chunk;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), sh->nchunks - 1);
+  static const int64_t max_helpers = [] {  // NANOJAX_KERNEL_THREADS caps the threads (1: caller only)
+    const char* v = std::getenv("NANOJAX_KERNEL_THREADS");
+    return v ? std::max<int64_t>(0, std::atoll(v) - 1) : INT64_MAX;
+  }();
+  const int64_t helpers = std::min({pool.num_threads(), sh->nchunks - 1, max_helpers});
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh] { work(*sh); });
   work(*sh);
-  while (sh->done.load(std::memory_order_acquire) < sh->nchunks) _mm_pause();
+  // Wait for chunks the pool threads claimed; yield now and then in case they were preempted.
+  for (int spin = 0; sh->done.load(std::memory_order_acquire) < sh->nchunks; ++spin) {
+    _mm_pause();
+    if (spin % 256 == 255) std::this_thread::yield();
+  }
   if (out_bf16) {
     uint16_t* dst = static_cast<uint16_t*>(y->untyped_data());
     for (int64_t i = 0; i < M * O; ++i) dst[i] = f32_to_bf16(yf[i]);
@@ -398,15 +590,15 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
 }
 
 ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
-                    ffi::Result<ffi::AnyBuffer> y, int64_t group_size) {
+                    ffi::Result<ffi::AnyBuffer> y, int64_t group_size, int64_t int8_activations) {
   if (q.element_type() != ffi::S8) return ffi::Error::InvalidArgument("nanojax int8 kernel: q must be int8");
-  return compute(pool, x, q, scale, y, group_size, false);
+  return compute(pool, x, q, scale, y, group_size, int8_activations ? kInt8Q8 : kInt8);
 }
 
 ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
-                    ffi::Result<ffi::AnyBuffer> y, int64_t group_size) {
+                    ffi::Result<ffi::AnyBuffer> y, int64_t group_size, int64_t int8_activations) {
   if (q.element_type() != ffi::U8) return ffi::Error::InvalidArgument("nanojax int4 kernel: q must be uint8");
-  return compute(pool, x, q, scale, y, group_size, true);
+  return compute(pool, x, q, scale, y, group_size, int8_activations ? kInt4Q8 : kInt4);
 }
 
 }  // namespace
@@ -418,7 +610,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt8Matmul, Int8Impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("group_size"));
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("int8_activations"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt4Matmul, Int4Impl,
                               ffi::Ffi::Bind()
@@ -427,10 +620,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt4Matmul, Int4Impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("group_size"));
+                                  .Attr<int64_t>("group_size")
+                                  .Attr<int64_t>("int8_activations"));
 
-// The ISA the kernels run with, for kernels_info() in nanojax/quant/ffi.py: 512, 256 or 0 (scalar).
+// What the kernels run with, for kernels_info() in nanojax/quant/ffi.py: 512, 256 or 0 (scalar) bits,
+// + 1 when int4 x int8-activation requests get the VNNI loops.
 extern "C" int nj_quant_vector_bits() {
-  const Isa& isa = isa_for(false);
-  return isa.max_rows == 8 ? 512 : isa.max_rows == 4 ? 256 : 0;
+  Kind ran;
+  const Isa& isa = isa_for(kInt8, &ran);
+  isa_for(kInt4Q8, &ran);
+  return (isa.max_rows == 8 ? 512 : isa.max_rows == 4 ? 256 : 0) + (ran == kInt4Q8);
 }
