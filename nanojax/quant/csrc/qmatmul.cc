@@ -330,6 +330,69 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void int8_bl
   for (int m = 0; m < MB; ++m) p.y[(m0 + m) * p.O + o] = s0 * _mm512_reduce_add_ps(acc[m]);
 }
 
+// M = 1 (decode): four output rows at once share the activation loads and give the core four
+// independent dependency chains (the one-row loop above is bound by its dpbusd -> cvt -> fma chain).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void int4_rows4_vnni(
+    const Problem& p, int64_t o, int64_t m0) {
+  constexpr int R = 4;
+  const int64_t half = p.I / 2, gh = p.G / 2, ng = p.I / p.G;
+  const __m512i nib = _mm512_set1_epi8(15);
+  const int shift = gh == 16 ? 2 : gh == 32 ? 3 : 4;
+  const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         shift);
+  const int64_t r = m0 * p.hpad;
+  __m512 acc[R];
+  for (int k = 0; k < R; ++k) acc[k] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < half; j += 64) {
+    const int64_t nb = std::min<int64_t>(64, half - j);
+    const __mmask64 kb = nb == 64 ? ~0ULL : ((1ULL << nb) - 1);
+    const __mmask16 ks = static_cast<__mmask16>((1u << ((nb + gh - 1) / gh)) - 1);
+    const __m512i xe = _mm512_loadu_si512(p.xqe + r + j), xo = _mm512_loadu_si512(p.xqo + r + j);
+    const __m512i corr = _mm512_loadu_si512(p.corr + r / 4 + j / 4);
+    const __m512 sx = _mm512_loadu_ps(p.sxl + r / 4 + j / 4);
+    for (int k = 0; k < R; ++k) {
+      const __m512i b = _mm512_maskz_loadu_epi8(kb, static_cast<const uint8_t*>(p.q) + (o + k) * half + j);
+      const __m512i lo = _mm512_and_si512(b, nib);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+      __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xe);
+      d = _mm512_dpbusd_epi32(d, hi, xo);
+      d = _mm512_sub_epi32(d, corr);
+      const __m512 sw = _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(ks, p.scale + (o + k) * ng + j / gh));
+      acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, sx), acc[k]);
+    }
+  }
+  for (int k = 0; k < R; ++k) p.y[m0 * p.O + o + k] = _mm512_reduce_add_ps(acc[k]);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma"))) void int8_rows4_vnni(
+    const Problem& p, int64_t o, int64_t m0) {
+  constexpr int R = 4;
+  const int64_t I = p.I, G = p.G, ng = I / G;
+  const bool per_channel = ng == 1;
+  const __m512i gidx = _mm512_srli_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), 3);
+  const int64_t r = m0 * p.ipad;
+  __m512 acc[R];
+  for (int k = 0; k < R; ++k) acc[k] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < I; i += 64) {
+    const int64_t nb = std::min<int64_t>(64, I - i);
+    const __mmask64 kb = nb == 64 ? ~0ULL : ((1ULL << nb) - 1);
+    const __m512i xv = _mm512_loadu_si512(p.xq + r + i);
+    const __m512 sx = _mm512_loadu_ps(p.sxl8 + r / 4 + i / 4);
+    for (int k = 0; k < R; ++k) {
+      const __m512i w = _mm512_maskz_loadu_epi8(kb, static_cast<const int8_t*>(p.q) + (o + k) * I + i);
+      const __m512i xs = _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(w), _mm512_setzero_si512(), xv);
+      const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs);
+      const float* sr = p.scale + (o + k) * ng;
+      __m512 s = sx;
+      if (G == 32) s = _mm512_mul_ps(sx, _mm512_permutexvar_ps(gidx, _mm512_maskz_loadu_ps(nb == 64 ? 3 : 1, sr + i / 32)));
+      else if (!per_channel) s = _mm512_mul_ps(sx, _mm512_set1_ps(sr[i / G]));
+      acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[k]);
+    }
+  }
+  for (int k = 0; k < R; ++k)
+    p.y[m0 * p.O + o + k] = (per_channel ? p.scale[(o + k) * ng] : 1.f) * _mm512_reduce_add_ps(acc[k]);
+}
+
 bool int8_vnni_shape(const Problem& p) { return p.I % 32 == 0 && (p.G == p.I || p.G == 32 || p.G % 64 == 0); }
 
 void quantize_activations8(Problem& p, std::vector<int8_t>& xq, std::vector<float>& sxl) {
@@ -391,6 +454,7 @@ using BlockFn = void (*)(const Problem&, int64_t, int64_t);
 struct Isa {
   BlockFn blocks[kMaxRows + 1];  // blocks[mb]: a kernel for mb rows (nullptr: none)
   int max_rows;
+  BlockFn rows4;  // M = 1: four output rows at a time (nullptr: none)
 };
 
 // Kernel kinds: int8 weights (fp32 x), int4 weights (fp32 x), int4 weights with int8 x (VNNI).
@@ -409,9 +473,11 @@ Isa make_isa(Kind kind, int tier) {
     if (kind == kInt4Q8) {
       isa.blocks[1] = int4_block_vnni<1>; isa.blocks[2] = int4_block_vnni<2>;
       isa.blocks[4] = int4_block_vnni<4>; isa.blocks[8] = int4_block_vnni<8>;
+      isa.rows4 = int4_rows4_vnni;
     } else {
       isa.blocks[1] = int8_block_vnni<1>; isa.blocks[2] = int8_block_vnni<2>;
       isa.blocks[4] = int8_block_vnni<4>; isa.blocks[8] = int8_block_vnni<8>;
+      isa.rows4 = int8_rows4_vnni;
     }
     isa.max_rows = 8;
   } else if (tier == 1 && !q8 && has_avx512()) {
@@ -469,7 +535,10 @@ void run_rows(const Problem& p, const Isa& isa, Kind kind, int64_t o0, int64_t o
     (kind == kInt8 || kind == kInt8Q8 ? int8_rows_scalar : int4_rows_scalar)(p, o0, o1);
     return;
   }
-  for (int64_t o = o0; o < o1; ++o) {
+  int64_t o = o0;
+  if (p.M == 1 && isa.rows4 != nullptr && std::getenv("NANOJAX_KERNEL_NO_ROWS4") == nullptr)
+    for (; o + 4 <= o1; o += 4) isa.rows4(p, o, 0);
+  for (; o < o1; ++o) {
     int64_t m = 0;
     while (m < p.M) {
       int mb = isa.max_rows;
