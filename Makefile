@@ -2,6 +2,7 @@
 #   make quickstart [SHAKESPEARE=path/to/input.txt]   train the CPU config and print a sample
 #   make test                                         install the test extra, ruff, pytest
 #   make test-slow                                    the tests marked slow (CI runs both)
+#   make kernels                                      build the quantized CPU kernels ahead of first use
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ DATA ?= data/shakespeare_char
 WORKDIR ?= out/shakespeare_char_cpu
 PYTEST_ARGS ?= -n 2
 
-.PHONY: quickstart test test-slow install install-test data clean
+.PHONY: quickstart test test-slow install install-test data clean kernels
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +53,9 @@ test: install-test
 # whole): deselected by `make test`, run by CI after it.
 test-slow: install-test
 	$(PY) -m pytest $(PYTEST_ARGS) -m slow tests
+
+kernels: install
+	$(PY) -c "from nanojax.quant import ffi; print(ffi.build(verbose=True)); print(ffi.kernels_info())"
 
 clean:
 	rm -rf $(VENV) out data/shakespeare_char

@@ -3,6 +3,8 @@
     python scripts/bench_decode.py                                   # the CPU table in docs/performance.md
     python scripts/bench_decode.py --shapes=llama-134m --batches=1 --repeats=5
     python scripts/bench_decode.py --shapes=llama2-7b --dtype=bfloat16 --no_hf   # on a GPU
+    python scripts/bench_decode.py --shapes=llama-134m --batches=1 --quant=fp32,int8,int4 --llama_cpp --no_hf
+                                                     # docs/quantization_kernels.md: quantized + llama.cpp
 
 Both sides get the same random weights (nanojax params converted into a transformers model),
 the same prompts (random ids, `--prompt_len` long) and greedy decoding of `--new_tokens` tokens;
@@ -27,12 +29,14 @@ from absl import app, flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import _bench_quant as bq  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanojax as nj  # noqa: E402
 from nanojax.metrics import cpu_description, usable_cpus  # noqa: E402
+from nanojax.quant import ffi  # noqa: E402
 
 DEFAULT_BATCHES = {"shakespeare-char-cpu": "1,8", "gpt2-small": "1,8", "llama-134m": "1", "llama2-7b": "1"}
 PRACTICAL_CPU_GBPS = 31.0  # DESIGN.md: llama.cpp fp32 on the 134M Llama shape reads ~31 GB/s here
@@ -47,6 +51,14 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Params and compu
 flags.DEFINE_boolean("no_hf", False, "Skip the transformers baseline (e.g. a 7B shape on a GPU).")
 flags.DEFINE_enum("hf_attn", "sdpa", ["sdpa", "eager"], "transformers attention implementation.")
 flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads for the baseline.")
+flags.DEFINE_list("quant", ["fp32"], "nanojax weight formats: fp32 (the --dtype params), int8 (per-channel), "
+                  "int4 (group --group_size). Anything but fp32 alone switches to the quantized table.")
+flags.DEFINE_list("kernel_activations", ["fp32", "int8"], "x precision inside the quantized CPU kernels "
+                  "(nanojax.quant.ffi): one row per value for every int8/int4 format.")
+flags.DEFINE_integer("group_size", 32, "int4 group size.")
+flags.DEFINE_boolean("llama_cpp", False, "Also run llama.cpp (llama-cpp-python, the `bench` extra) on the "
+                     "same weights written as GGUF F32 / Q8_0 / Q4_0, batch 1.")
+flags.DEFINE_integer("llama_threads", 2, "llama.cpp threads.")
 flags.DEFINE_float("pause_s", 0.5, "Idle seconds before each timed run (lets spinning threads sleep).")
 FLAGS = flags.FLAGS
 
@@ -215,8 +227,86 @@ def run_case(name: str, batch: int, rng: np.random.Generator) -> dict:
     return res
 
 
+# ----------------------------------------------------------------------------------------------
+# Quantized formats and llama.cpp, interleaved in one process.
+
+
+def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict]:
+    """One row per variant: nanojax fp32 / int8 / int4 (each kernel activation mode) and llama.cpp
+    F32 / Q8_0 / Q4_0. Timed runs go round-robin over all variants, so load hits each alike."""
+    import tempfile
+
+    total = FLAGS.prompt_len + FLAGS.new_tokens
+    cfg = bench_config(name, FLAGS.dtype, total)
+    params = nj.init_params(cfg, jax.random.key(0))
+    prompts = rng.integers(0, cfg.vocab_size, (batch, FLAGS.prompt_len)).tolist()
+    n = FLAGS.new_tokens
+    variants = {}  # label -> (run() -> tokens, bytes read per step)
+    for fmt in FLAGS.quant:
+        if fmt == "fp32":
+            variants["nanojax fp32"] = (lambda p=params: nj.generate(p, cfg, prompts, max_new_tokens=n),
+                                        weight_bytes(params, cfg))
+            continue
+        for act in FLAGS.kernel_activations:
+            qp = bq.quantize_local(params, cfg, fmt, FLAGS.group_size, activations=act)
+            label = f"nanojax {fmt}" + (f" g{FLAGS.group_size}" if fmt == "int4" else "") + f" (x {act})"
+            variants[label] = (lambda p=qp: nj.generate(p, cfg, prompts, max_new_tokens=n),
+                               weight_bytes(qp, cfg))
+    tmp = tempfile.TemporaryDirectory(prefix="nanojax_gguf_")
+    if FLAGS.llama_cpp:
+        if batch != 1 or cfg.pos_emb != "rope":
+            print(f"# llama.cpp rows skipped for {name} batch {batch}: the runner does Llama shapes, batch 1")
+        else:
+            for ft in ("F32", "Q8_0", "Q4_0"):
+                path = os.path.join(tmp.name, f"{name}-{ft}.gguf")
+                bq.write_gguf(params, cfg, path, ft)
+                runner = bq.LlamaCppRunner(path, n_ctx=total + 8, threads=FLAGS.llama_threads,
+                                           n_batch=max(FLAGS.prompt_len, 8))
+                variants[f"llama.cpp {ft}"] = (lambda r=runner: [r.generate(prompts[0], n)],
+                                               os.path.getsize(path))
+    outs = {k: run() for k, (run, _) in variants.items()}  # warm-up: compiles / loads
+    times = {k: [] for k in variants}
+    for _ in range(FLAGS.repeats):
+        for k, (run, _) in variants.items():
+            time.sleep(FLAGS.pause_s)
+            t0 = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t0)
+    ref = outs.get("nanojax fp32")
+    rows = []
+    for k, (_, nbytes) in variants.items():
+        same = None if ref is None else sum(a == b for a, b in zip(ref[0], outs[k][0], strict=True))
+        rows.append({"label": k, "tps": batch * n / statistics.median(times[k]), "bytes": nbytes,
+                     "same": same, "shape": name, "batch": batch})
+    tmp.cleanup()
+    return rows
+
+
+def print_quant_table(rows: list[dict]) -> None:
+    tps = {r["label"]: r["tps"] for r in rows}
+    base = tps.get("nanojax fp32")
+    print("| shape | batch | variant | weights MB | tok/s | vs nanojax fp32 | vs llama.cpp same bits | "
+          "greedy tokens = nanojax fp32 |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        lab = r["label"]
+        peer = None
+        if lab.startswith("nanojax int8"):
+            peer = tps.get("llama.cpp Q8_0")
+        elif lab.startswith("nanojax int4"):
+            peer = tps.get("llama.cpp Q4_0")
+        elif lab == "nanojax fp32":
+            peer = tps.get("llama.cpp F32")
+        print(f"| {r['shape']} | {r['batch']} | {lab} | {r['bytes'] / 1e6:.0f} | {r['tps']:.1f} | "
+              + (f"{r['tps'] / base:.2f}x" if base else "-") + " | "
+              + (f"{r['tps'] / peer:.2f}x" if peer else "-") + " | "
+              + ("-" if r["same"] is None else f"{r['same']}/{FLAGS.new_tokens}") + " |")
+
+
 def main(argv):
     del argv
+    if FLAGS.quant != ["fp32"] or FLAGS.llama_cpp:
+        return main_quant()
     dev = jax.devices()[0]
     load_before = os.getloadavg()[0]
     bw = copy_bandwidth()
@@ -260,6 +350,26 @@ def main(argv):
         if on_cpu:
             line += f" {100 * r['wbytes'] * steps_per_s / (PRACTICAL_CPU_GBPS * 1e9):.0f}% |"
         print(line)
+
+
+def main_quant():
+    load_before = os.getloadavg()[0]
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in FLAGS.shapes:
+        for b in (FLAGS.batches or DEFAULT_BATCHES.get(name, "1").split(",")):
+            rows += run_quant_case(name, int(b), rng)
+            print(f"# {name} batch {b} done", flush=True)
+    print()
+    info = ffi.kernels_info()
+    print(f"date {datetime.date.today()}, {platform.node()}, jax {jax.__version__}, prompt "
+          f"{FLAGS.prompt_len} + {FLAGS.new_tokens} new tokens, greedy, median of {FLAGS.repeats} "
+          "interleaved runs")
+    print(f"CPU: {cpu_description(f'XLA {usable_cpus()}, llama.cpp {FLAGS.llama_threads} threads')}")
+    print(f"nanojax kernels: {info}")
+    print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print()
+    print_quant_table(rows)
 
 
 if __name__ == "__main__":

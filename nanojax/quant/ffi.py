@@ -1,0 +1,289 @@
+"""Quantized matmuls: C++ XLA FFI kernels on CPU, a pure-JAX dequantize-then-dot path everywhere else.
+
+    y = int8_matmul(x, q, scale, group_size)   # x (M, I), q int8 (O, I),       scale (O, I // G) -> (M, O)
+    y = int4_matmul(x, q, scale, group_size)   # x (M, I), q uint8 (O, I // 2), scale (O, I // G) -> (M, O)
+
+The weight layout is the quant layout contract (docs/quantization.md): out-major like ggml, so a
+matrix-vector product reads each output's row contiguously; W[i, o] = q[o, i] * scale[o, i // G], and
+for int4 byte j of row o holds element 2j in its low nibble and 2j+1 in its high one, each stored as
+value + 8. Both paths compute in fp32 (a bf16 x is widened, the result cast back to x's dtype), so
+they agree to fp32 rounding.
+
+Why a kernel: XLA:CPU converts int8 weights to a full fp32 copy before every dot (DESIGN.md), so in
+pure JAX a quantized decode step reads more bytes than the fp32 one. `csrc/qmatmul.cc` reads the
+packed bytes once and widens them in registers (AVX-512 or AVX2, picked at run time), splitting the
+output rows over XLA's intra-op thread pool. It is compiled with g++ on first use into a per-user
+cache keyed by the source hash, jaxlib version, compiler and CPU flags (`make kernels` builds it
+ahead). Without g++, or if the build fails, or with NANOJAX_NO_KERNELS=1, the pure-JAX path runs
+and one warning says why. For large M (prefill) XLA's own dot of the dequantized weights wins,
+so the kernel is used for M <= KERNEL_MAX_ROWS only (measured: docs/quantization_kernels.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+SOURCES = ("qmatmul.cc", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed; the .cc compiled
+KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
+CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # part of the cache key
+# activations="int8": on a CPU with AVX-512 VNNI the kernels round x to int8 per 32-element block and
+# multiply in integers (llama.cpp's q8_0 / q4_0 x q8_0 dots): 1.5-3x fewer instructions than widening
+# every weight to fp32, at a bounded cost in accuracy (|error| <= sum_i |w_i| * amax(x block) / 254,
+# ~0.5% of the output's rms for random data; tested against that rounding done in numpy). The
+# default "fp32" keeps the product exact to fp32 rounding, the same numbers as the pure-JAX path.
+KERNEL_ACTIVATIONS = os.environ.get("NANOJAX_KERNEL_ACTIVATIONS", "fp32")
+_TARGETS = {"int8": "nanojax_int8_matmul", "int4": "nanojax_int4_matmul"}
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure-JAX reference (also the GPU path and the CPU fallback).
+
+
+def dequantize_int8(q: jax.Array, scale: jax.Array, group_size: int) -> jax.Array:
+    """int8 q (O, I), scale (O, I // G) -> fp32 W (I, O)."""
+    O, I = q.shape
+    w = q.astype(jnp.float32).reshape(O, I // group_size, group_size) * scale.astype(jnp.float32)[..., None]
+    return w.reshape(O, I).T
+
+
+def unpack_int4(q: jax.Array) -> jax.Array:
+    """uint8 q (O, I // 2) -> int8 values (O, I) in [-8, 7]: low nibble first, each stored as value + 8."""
+    lo = (q & 15).astype(jnp.int8) - 8
+    hi = (q >> 4).astype(jnp.int8) - 8
+    return jnp.stack([lo, hi], axis=-1).reshape(q.shape[0], 2 * q.shape[1])
+
+
+def dequantize_int4(q: jax.Array, scale: jax.Array, group_size: int) -> jax.Array:
+    """uint8 q (O, I // 2), scale (O, I // G) -> fp32 W (I, O)."""
+    return dequantize_int8(unpack_int4(q), scale, group_size)
+
+
+def _reference(x: jax.Array, w: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and loading the kernel library.
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return " ".join(sorted(f for f in line.split(":", 1)[1].split()
+                                       if f.startswith(("avx", "fma", "f16c", "sse4"))))
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NANOJAX_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanojax", "kernels")
+    return Path(root)
+
+
+def library_path(cxx: str = "g++") -> Path:
+    """Where the kernel library for this source, jaxlib, compiler and CPU lives in the cache."""
+    import jaxlib
+
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((CSRC / name).read_bytes())
+    try:
+        ver = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        ver = ""
+    h.update(f"{jaxlib.__version__}|{CXXFLAGS}|{ver.splitlines()[:1]}|{_cpu_flags()}|{platform.machine()}".encode())
+    return _cache_dir() / h.hexdigest()[:16] / "libnjquant.so"
+
+
+def build(cxx: str | None = None, verbose: bool = False) -> Path:
+    """Compile csrc/ into the cache (atomic: a temp file renamed into place); returns the .so path.
+
+    Raises RuntimeError with the compiler's message when the build fails.
+    """
+    cxx = cxx or os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (install g++, or set CXX)")
+    out = library_path(cxx)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    # -march is left at the x86-64 baseline: the AVX2 / AVX-512 loops carry their own target
+    # attributes and are chosen at run time, so the library runs on any x86-64 CPU.
+    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), str(CSRC / SOURCES[0]), "-o", tmp]
+    if verbose:
+        print(" ".join(cmd))
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        os.unlink(tmp)
+        raise RuntimeError(f"{cxx} failed to run: {e}") from e
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"{cxx} failed (exit {res.returncode}):\n{res.stderr[-2000:]}")
+    os.replace(tmp, out)
+    return out
+
+
+def _load() -> bool:
+    with _lock:
+        if "ok" in _state:
+            return _state["ok"]
+        why = None
+        if os.environ.get("NANOJAX_NO_KERNELS", "") not in ("", "0"):
+            why = "NANOJAX_NO_KERNELS is set"
+        elif platform.machine() not in ("x86_64", "AMD64"):
+            why = f"the kernels are written for x86-64, this is {platform.machine()}"
+        else:
+            try:
+                lib = ctypes.CDLL(str(build()))
+                for scheme, target in _TARGETS.items():
+                    fn = lib.NjInt8Matmul if scheme == "int8" else lib.NjInt4Matmul
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
+                lib.nj_quant_vector_bits.restype = ctypes.c_int
+                bits = lib.nj_quant_vector_bits()
+                _state["bits"], _state["vnni"] = bits & ~1, bool(bits & 1)
+                _state["lib"] = lib  # keep the library loaded
+            except (RuntimeError, OSError, AttributeError) as e:
+                why = str(e)
+        _state["ok"] = why is None
+        if why is not None:
+            _state["why"] = why
+            warnings.warn(f"nanojax quantized CPU kernels unavailable ({why}); using the pure-JAX "
+                          "dequantize path instead (same numbers, slower on CPU). Build them with "
+                          "`make kernels` (needs g++).", RuntimeWarning, stacklevel=3)
+        return _state["ok"]
+
+
+def kernels_available() -> bool:
+    """True when the C++ kernels are built and registered (builds them on first call if needed)."""
+    return _load()
+
+
+def kernels_info() -> dict:
+    """What `kernels_available` found: {"available", "vector_bits" (512/256/0), "vnni" (int4 x int8
+    activations in integers), "why" (if not)}."""
+    ok = _load()
+    return {"available": ok, "vector_bits": _state.get("bits", 0), "vnni": _state.get("vnni", False),
+            "why": _state.get("why")}
+
+
+def _reset_for_tests() -> None:
+    """Forget the load result so a test can load again under another environment."""
+    with _lock:
+        _state.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# The public products.
+
+
+def _check(name: str, x, q, scale, group_size: int, int4: bool) -> tuple[int, int, int]:
+    if x.ndim != 2:
+        raise ValueError(f"{name}: x must be 2-D (M, I), got shape {x.shape}; reshape it first")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"{name}: x must be float32 or bfloat16, got {x.dtype}")
+    want = jnp.uint8 if int4 else jnp.int8
+    if q.dtype != want or q.ndim != 2:
+        raise ValueError(f"{name}: q must be a 2-D {np.dtype(want).name} array, got {q.dtype} {q.shape}")
+    M, I = x.shape
+    O = q.shape[0]
+    if int4 and I % 2:
+        raise ValueError(f"{name}: I = {I} must be even (two int4 values per byte)")
+    if group_size <= 0 or I % group_size:
+        raise ValueError(f"{name}: group_size {group_size} must divide I = {I}")
+    if int4 and group_size % 32:
+        raise ValueError(f"{name}: int4 group_size must be a multiple of 32 (32/64/128), got {group_size}")
+    if q.shape[1] != (I // 2 if int4 else I):
+        raise ValueError(f"{name}: q has shape {q.shape}, expected (O, {I // 2 if int4 else I}) for x of "
+                         f"shape {x.shape}")
+    if scale.shape != (O, I // group_size) or scale.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"{name}: scale must be float32/bfloat16 of shape {(O, I // group_size)}, got "
+                         f"{scale.dtype} {scale.shape}")
+    return M, I, O
+
+
+def _use_kernel(x: jax.Array, M: int) -> bool:
+    if M == 0 or M > KERNEL_MAX_ROWS or not _load():
+        return False
+    # The kernel is registered for the CPU platform only; elsewhere XLA fuses the dequantization.
+    return jax.default_backend() == "cpu"
+
+
+def _call(scheme: str, x, q, scale, group_size: int, M: int, O: int, **attrs) -> jax.Array:
+    call = jax.ffi.ffi_call(_TARGETS[scheme], jax.ShapeDtypeStruct((M, O), x.dtype),
+                            vmap_method="sequential")
+    return call(x, q, scale, group_size=np.int64(group_size), **{k: np.int64(v) for k, v in attrs.items()})
+
+
+def _activations(name: str, activations: str | None) -> str:
+    activations = activations or KERNEL_ACTIVATIONS
+    if activations not in ("int8", "fp32"):
+        raise ValueError(f"{name}: activations must be 'int8' or 'fp32', got {activations!r} (or set "
+                         "NANOJAX_KERNEL_ACTIVATIONS)")
+    return activations
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, group_size: int, *,
+                activations: str | None = None) -> jax.Array:
+    """x (M, I) float32|bfloat16 @ int8 W -> (M, O) in x.dtype.
+
+    q: int8 (O, I); scale: (O, I // group_size) float32|bfloat16 (group_size = I: one per channel).
+    activations: "fp32" (default: KERNEL_ACTIVATIONS) keeps x exact; "int8" lets the kernel on a VNNI
+    CPU round x to int8 per 32-block (I a multiple of 32), faster. The pure-JAX path is always exact.
+    """
+    M, I, O = _check("int8_matmul", x, q, scale, group_size, int4=False)
+    activations = _activations("int8_matmul", activations)
+    if _use_kernel(x, M):
+        return _call("int8", x, q, scale, group_size, M, O, int8_activations=activations == "int8")
+    return _reference(x, dequantize_int8(q, scale, group_size))
+
+
+def int4_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, group_size: int, *,
+                activations: str | None = None) -> jax.Array:
+    """x (M, I) float32|bfloat16 @ int4 W -> (M, O) in x.dtype.
+
+    q: uint8 (O, I // 2), two values per byte (low nibble = even element, stored as value + 8);
+    scale: (O, I // group_size), group_size in {32, 64, 128} dividing I.
+    activations: "fp32" (default: KERNEL_ACTIVATIONS) keeps x exact; "int8" lets the kernel on a VNNI
+    CPU round x to int8 per 32-block, faster. The pure-JAX path is always exact.
+    """
+    M, I, O = _check("int4_matmul", x, q, scale, group_size, int4=True)
+    activations = _activations("int4_matmul", activations)
+    if _use_kernel(x, M):
+        return _call("int4", x, q, scale, group_size, M, O, int8_activations=activations == "int8")
+    return _reference(x, dequantize_int4(q, scale, group_size))
+
+
+def int8_matmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, group_size: int) -> jax.Array:
+    """The pure-JAX path of `int8_matmul` (any backend)."""
+    _check("int8_matmul", x, q, scale, group_size, int4=False)
+    return _reference(x, dequantize_int8(q, scale, group_size))
+
+
+def int4_matmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, group_size: int) -> jax.Array:
+    """The pure-JAX path of `int4_matmul` (any backend)."""
+    _check("int4_matmul", x, q, scale, group_size, int4=True)
+    return _reference(x, dequantize_int4(q, scale, group_size))
