@@ -1,81 +1,18 @@
-"""Quantized params and GGUF files for scripts/bench_decode.py (benchmark helpers, not library code).
+"""llama.cpp side by side for scripts/bench_decode.py (benchmark helpers, not library code).
 
-`quantize_local` follows the quant layout contract (docs/quantization.md) with a minimal record;
-it stands in for `nj.quantize` until that lands, and is replaced by it at the merge.
-`write_gguf` writes the same random-init Llama weights as a GGUF file llama.cpp can run, F32 / Q8_0 /
-Q4_0 quantized by the `gguf` package itself; it stands in for nanojax.interop.gguf's writer.
+`write_gguf` writes the same Llama weights as a GGUF file llama.cpp runs, F32 / Q8_0 / Q4_0
+quantized by the `gguf` package itself; `LlamaCppRunner` times llama-cpp-python (the optional
+`bench` extra) on it. (nanojax.interop.gguf.write_gguf's files load in transformers and in
+nanojax, but llama-cpp-python 0.3.36 refused one at the llama-134m shape; until that is found,
+the benchmark keeps this writer, whose F32 file gives nanojax's greedy tokens in llama.cpp.)
 """
 
 from __future__ import annotations
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import nanojax as nj
-from nanojax.quant import ffi
-
-
-@flax.struct.dataclass
-class QMatrix:
-    """A quantized (I, O) matrix in the contract layout: q (O, I) int8 or (O, I // 2) uint8."""
-
-    q: jax.Array
-    scale: jax.Array  # (O, I // G) float32
-    group_size: int = flax.struct.field(pytree_node=False)
-    bits: int = flax.struct.field(pytree_node=False)
-    activations: str = flax.struct.field(pytree_node=False, default="fp32")  # inside the CPU kernel
-
-    def matmul(self, x: jax.Array, dtype: jnp.dtype) -> jax.Array:
-        fn = ffi.int8_matmul if self.bits == 8 else ffi.int4_matmul
-        return fn(x.astype(dtype), self.q, self.scale.astype(dtype), self.group_size,
-                  activations=self.activations)
-
-
-def quantize_matrix(w: np.ndarray, bits: int, group_size: int | None, activations: str = "fp32") -> QMatrix:
-    """w (I, O) float -> symmetric round-to-nearest; int8 per channel (group_size None) or per group."""
-    wt = np.asarray(w, np.float32).T  # (O, I)
-    O, I = wt.shape
-    G = group_size or I
-    g = wt.reshape(O, I // G, G)
-    qmax = 127 if bits == 8 else 7
-    amax = np.abs(g).max(-1, keepdims=True)
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.rint(g / scale), -qmax - (bits == 4), qmax).reshape(O, I)
-    if bits == 8:
-        qa = q.astype(np.int8)
-    else:
-        n = (q + 8).astype(np.uint8)
-        qa = (n[:, 0::2] | (n[:, 1::2] << 4)).astype(np.uint8)
-    return QMatrix(jnp.asarray(qa), jnp.asarray(scale[..., 0]), G, bits, activations)
-
-
-def quantize_local(params: dict, cfg: nj.ModelConfig, scheme: str, group_size: int = 32,
-                   activations: str = "fp32") -> dict:
-    """Every dense weight (attention, MLP, head) quantized; embedding and norms stay float."""
-    bits = 8 if scheme == "int8" else 4
-    G = None if bits == 8 else group_size
-
-    def q(w, I):
-        return quantize_matrix(np.asarray(w, np.float32).reshape(I, -1), bits, G, activations)
-
-    D = cfg.d_model
-    out = dict(params)
-    out["layers"] = []
-    for lp in params["layers"]:
-        a, m = lp["attn"], lp["mlp"]
-        na = dict(a, wq=q(a["wq"], D), wk=q(a["wk"], D), wv=q(a["wv"], D), wo=q(a["wo"], a["wo"].size // D))
-        nm = {k: (q(v, v.shape[0]) if v.ndim == 2 else v) for k, v in m.items()}
-        out["layers"].append(dict(lp, attn=na, mlp=nm))
-    if "lm_head" in params:
-        out["lm_head"] = q(params["lm_head"], D)
-    return out
-
-
-def weight_nbytes(params: dict) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-
 
 # ----------------------------------------------------------------------------------------------
 # GGUF for llama.cpp.

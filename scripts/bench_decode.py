@@ -248,7 +248,8 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
                                         weight_bytes(params, cfg))
             continue
         for act in FLAGS.kernel_activations:
-            qp = bq.quantize_local(params, cfg, fmt, FLAGS.group_size, activations=act)
+            qp = nj.quantize(params, cfg, fmt, FLAGS.group_size if fmt == "int4" else None,
+                             kernel_activations=act)
             label = f"nanojax {fmt}" + (f" g{FLAGS.group_size}" if fmt == "int4" else "") + f" (x {act})"
             variants[label] = (lambda p=qp: nj.generate(p, cfg, prompts, max_new_tokens=n),
                                weight_bytes(qp, cfg))

@@ -48,7 +48,8 @@ def save_quantized(params: Any, cfg: ModelConfig, directory: str | os.PathLike,
             m = x.matrix if isinstance(x, QuantizedTable) else x
             records[name] = {"kind": "table" if isinstance(x, QuantizedTable) else "matrix",
                              "bits": m.bits, "group_size": m.group_size, "shape": list(m.shape),
-                             "scale_dtype": str(m.scale.dtype)}
+                             "scale_dtype": str(m.scale.dtype),
+                             "kernel_activations": m.kernel_activations}
             tensors[name + ".q"] = np.asarray(m.q)
             tensors[name + ".scale"] = np.asarray(m.scale.astype(jnp.float32))
         else:
@@ -92,7 +93,8 @@ def load_quantized(directory: str | os.PathLike) -> tuple[ModelConfig, Any, Any]
             r = records[name]
             m = QuantizedMatrix(jnp.asarray(tensors[name + ".q"]),
                                 jnp.asarray(tensors[name + ".scale"], r.get("scale_dtype", "float32")),
-                                int(r["bits"]), int(r["group_size"]), tuple(r["shape"]))
+                                int(r["bits"]), int(r["group_size"]), tuple(r["shape"]),
+                                r.get("kernel_activations", "fp32"))
             return QuantizedTable(m) if r["kind"] == "table" else m
         if name not in tensors:
             raise ValueError(f"{d / WEIGHTS} lacks tensor {name!r} that the config's model needs")
