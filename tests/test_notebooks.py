@@ -21,7 +21,7 @@ def _cells(nb) -> list[tuple[str, str]]:
 
 
 def test_every_notebook_is_paired():
-    assert [p.stem for p in SOURCES] == ["01_tour", "02_sharding", "03_scaling"]
+    assert [p.stem for p in SOURCES] == ["01_tour", "02_sharding", "03_scaling", "04_inference"]
     for py in SOURCES:
         ipynb = py.with_suffix(".ipynb")
         assert ipynb.exists(), f"{ipynb.name} missing: run `jupytext --sync {py}` and execute it"
@@ -46,8 +46,8 @@ def test_notebook_source_and_saved_copy_agree(py):
 def test_notebook_executes(py, tmp_path):
     from nbclient import NotebookClient
 
-    if py.stem == "01_tour" and not Path(os.environ.get("NANOJAX_TEST_TEXT", "")).is_file():
-        pytest.skip("set NANOJAX_TEST_TEXT to a copy of Tiny Shakespeare to run 01_tour")
+    if py.stem in ("01_tour", "04_inference") and not Path(os.environ.get("NANOJAX_TEST_TEXT", "")).is_file():
+        pytest.skip(f"set NANOJAX_TEST_TEXT to a copy of Tiny Shakespeare to run {py.stem}")
     nb = jupytext.read(py)
     env = {"NANOJAX_NOTEBOOK_FAST": "1", "JAX_PLATFORMS": "cpu"}
     old = {k: os.environ.get(k) for k in env}
