@@ -4,7 +4,7 @@
     python scripts/bench_decode.py --shapes=llama-134m --batches=1 --repeats=5
     python scripts/bench_decode.py --shapes=llama2-7b --dtype=bfloat16 --no_hf   # on a GPU
     python scripts/bench_decode.py --shapes=llama-134m --batches=1 --quant=fp32,int8,int4 --llama_cpp --no_hf
-                                                     # docs/quantization_kernels.md: quantized + llama.cpp
+                                                     # docs/quantization.md: quantized + llama.cpp
 
 Both sides get the same random weights (nanojax params converted into a transformers model),
 the same prompts (random ids, `--prompt_len` long) and greedy decoding of `--new_tokens` tokens;

@@ -16,7 +16,7 @@ output rows over XLA's intra-op thread pool. It is compiled with g++ on first us
 cache keyed by the source hash, jaxlib version, compiler and CPU flags (`make kernels` builds it
 ahead). Without g++, or if the build fails, or with NANOJAX_NO_KERNELS=1, the pure-JAX path runs
 and one warning says why. For large M (prefill) XLA's own dot of the dequantized weights wins,
-so the kernel is used for M <= KERNEL_MAX_ROWS only (measured: docs/quantization_kernels.md).
+so the kernel is used for M <= KERNEL_MAX_ROWS only (measured: docs/quantization.md).
 """
 
 from __future__ import annotations
