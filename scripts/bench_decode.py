@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanojax as nj  # noqa: E402
+from nanojax.interop.gguf import write_gguf  # noqa: E402
 from nanojax.metrics import cpu_description, usable_cpus  # noqa: E402
 from nanojax.quant import ffi  # noqa: E402
 
@@ -260,7 +261,7 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
         else:
             for ft in ("F32", "Q8_0", "Q4_0"):
                 path = os.path.join(tmp.name, f"{name}-{ft}.gguf")
-                bq.write_gguf(params, cfg, path, ft)
+                write_gguf(params, cfg, path, ft)
                 runner = bq.LlamaCppRunner(path, n_ctx=total + 8, threads=FLAGS.llama_threads,
                                            n_batch=max(FLAGS.prompt_len, 8))
                 variants[f"llama.cpp {ft}"] = (lambda r=runner: [r.generate(prompts[0], n)],

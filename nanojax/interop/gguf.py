@@ -360,6 +360,10 @@ def _add_vocab(w: Any, vocab_size: int, tokenizer: Any) -> None:
             w.add_token_list([t for t, _ in vocab] + [f"<pad{i}>" for i in range(len(vocab), vocab_size)])
             w.add_token_merges(merges)
             return
-    w.add_tokenizer_model("gpt2")
+    # No BPE tokenizer: placeholder tokens "<id>" as a "llama" (SentencePiece-style) vocabulary with
+    # zero scores. llama.cpp refuses a "gpt2" vocabulary without merges; this one it loads, which is
+    # enough to run and time the model on token ids (not to tokenize text).
+    w.add_tokenizer_model("llama")
     w.add_token_list([f"<{i}>" for i in range(vocab_size)])
-    w.add_token_merges([])
+    w.add_token_scores([0.0] * vocab_size)
+    w.add_token_types([1] * vocab_size)  # 1: a normal token
