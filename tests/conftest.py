@@ -24,6 +24,25 @@ def checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def np_params(cfg, seed: int):
+    """Random params for cfg drawn with numpy, as init_params' specs say (init_params' threefry
+    costs seconds of compile on CPU for each new config)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nanojax.model import ParamSpec, param_specs
+
+    rng = np.random.default_rng(seed)
+
+    def make(s):
+        if s.init == "normal":
+            return jnp.asarray(s.std * rng.standard_normal(s.shape), jnp.float32)
+        return jnp.full(s.shape, 1.0 if s.init == "ones" else 0.0, jnp.float32)
+
+    return jax.tree.map(make, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
     """Tiny Shakespeare from $NANOJAX_TEST_TEXT; tests that need real text skip without it."""

@@ -10,23 +10,11 @@ gguf = pytest.importorskip("gguf")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from conftest import np_params  # noqa: E402
 
 import nanojax as nj  # noqa: E402
 from nanojax.interop.gguf import GGUFFormatError, load_gguf, write_gguf  # noqa: E402
-from nanojax.model import ParamSpec, param_specs  # noqa: E402
 from nanojax.quant import QuantizedMatrix, QuantizedTable  # noqa: E402
-
-
-def np_params(cfg, seed):
-    """Random params from numpy (init_params' threefry costs seconds of compile on CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def make(s):
-        if s.init == "normal":
-            return jnp.asarray(s.std * rng.standard_normal(s.shape), jnp.float32)
-        return jnp.full(s.shape, 1.0 if s.init == "ones" else 0.0, jnp.float32)
-
-    return jax.tree.map(make, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 @pytest.fixture(scope="module")

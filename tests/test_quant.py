@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import np_params
 
 import nanojax as nj
 from nanojax.dense import dense, lookup
-from nanojax.model import ParamSpec, param_shapes, param_specs
+from nanojax.model import param_shapes
 from nanojax.quant import (
     QuantizedMatrix,
     QuantizedTable,
@@ -43,18 +44,6 @@ def ref_weight(rec: QuantizedMatrix) -> np.ndarray:
     G = rec.group_size
     cols = np.arange(v.shape[1]) // G
     return (v * s[:, cols]).T
-
-
-def np_params(cfg, seed):
-    """Random params from numpy (init_params' threefry costs seconds of compile on CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def make(s):
-        if s.init == "normal":
-            return jnp.asarray(s.std * rng.standard_normal(s.shape), jnp.float32)
-        return jnp.full(s.shape, 1.0 if s.init == "ones" else 0.0, jnp.float32)
-
-    return jax.tree.map(make, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 _dense = jax.jit(lambda x, w: dense(x, w, jnp.float32))
