@@ -40,6 +40,7 @@ from nanojax import sharding as shd
 from nanojax.config import ModelConfig
 from nanojax.model import BlockComms, Params, block, causal_attend, embed, remat_block, unembed
 from nanojax.train.ring_attention import ring_attend
+from nanojax.train.step import guarded_update
 
 TOKEN_AXES = ("data", "fsdp", "sequence")  # every mesh axis that splits the tokens of a batch
 
@@ -227,16 +228,8 @@ def make_manual_train_step(cfg: ModelConfig, optimizer: optax.GradientTransforma
             grads = jax.tree.map(lambda g: jax.lax.select(grad_norm < grad_clip, g,
                                                           (g / grad_norm.astype(g.dtype)) * grad_clip), grads)
 
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # as the auto step: a bad step changes nothing
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        new_params = jax.tree.map(keep, new_params, params)
-        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok}
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
-        return new_params, new_opt_state, metrics
+        # the update, skipped whole on a non-finite loss or norm, as in the jit step
+        return guarded_update(optimizer, schedule, params, opt_state, grads, loss, grad_norm, step)
 
     metric_specs = {"loss": P(), "grad_norm": P(), "ok": P()} | ({"lr": P()} if schedule is not None else {})
     return jax.shard_map(step_fn, mesh=mesh,

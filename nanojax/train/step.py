@@ -74,21 +74,30 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
             (loss, grads), _ = jax.lax.scan(micro, (jnp.zeros((), jnp.float32), zeros),
                                             (x, y, jnp.arange(A)))
             loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        # A non-finite step changes nothing: the host sees ok=False and stops with the last good
-        # state, so no NaN ever reaches a checkpoint. The select fuses into the Adam update.
-        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-        new_params = jax.tree.map(keep, new_params, params)
-        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok}
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
-        return new_params, new_opt_state, metrics
+        return guarded_update(optimizer, schedule, params, opt_state, grads, loss,
+                              optax.tree.norm(grads), step)
 
     return step_fn
+
+
+def guarded_update(optimizer: optax.GradientTransformation, schedule: optax.Schedule | None,
+                   params: Params, opt_state: Any, grads: Params, loss: jax.Array,
+                   grad_norm: jax.Array, step: jax.Array) -> tuple[Params, Any, dict[str, jax.Array]]:
+    """The optimizer update and the step's metrics (loss, grad_norm, ok, and lr with `schedule`).
+
+    A non-finite loss or gradient norm changes nothing: the host sees ok=False and stops with the
+    last good state, so no NaN ever reaches a checkpoint. The select fuses into the Adam update.
+    Shared by the jit step and the shard_map step (train/manual.py)."""
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    new_params = jax.tree.map(keep, new_params, params)
+    new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok}
+    if schedule is not None:
+        metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
+    return new_params, new_opt_state, metrics
 
 
 def make_eval_step(cfg: ModelConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
