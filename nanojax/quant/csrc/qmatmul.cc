@@ -304,25 +304,22 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ff
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt8Matmul, Int8Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("int8_activations"));
+namespace {
+// Both handlers take the same call: the thread pool, x, q, scale -> y, and two attributes.
+auto QMatmulBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()  // x
+      .Arg<ffi::AnyBuffer>()  // q
+      .Arg<ffi::AnyBuffer>()  // scale
+      .Ret<ffi::AnyBuffer>()  // y
+      .Attr<int64_t>("group_size")
+      .Attr<int64_t>("int8_activations");
+}
+}  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt4Matmul, Int4Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("group_size")
-                                  .Attr<int64_t>("int8_activations"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt8Matmul, Int8Impl, QMatmulBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjInt4Matmul, Int4Impl, QMatmulBinding());
 
 // What the kernels run with, for kernels_info() in nanojax/quant/ffi.py: 512, 256 or 0 (scalar) bits,
 // + 1 when int4 x int8-activation requests get the VNNI loops.
