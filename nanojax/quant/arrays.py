@@ -70,11 +70,11 @@ class QuantizedMatrix:
 
     def values(self) -> jax.Array:
         """The integer values, int8 (O, I) (int4 unpacked to [-8, 7])."""
-        return _unpack(self.q, self.bits)
+        return unpack_values(self.q, self.bits)
 
     def dequantize_t(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
         """W transposed, (O, I) in `dtype`: q * scale, group by group."""
-        return _dequant_rows(self.values(), self.scale, self.group_size, dtype)
+        return dequantize_rows(self.values(), self.scale, self.group_size, dtype)
 
     def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
         """The float weight in its stored shape (e.g. (D, N, H)), in `dtype`."""
@@ -134,7 +134,7 @@ class QuantizedTable:
         m = self.matrix
         q = jnp.take(m.q, ids.reshape(-1), axis=0)  # (n, D or D // 2)
         s = jnp.take(m.scale, ids.reshape(-1), axis=0)  # (n, D // G)
-        rows = _dequant_rows(_unpack(q, m.bits), s, m.group_size, dtype)
+        rows = dequantize_rows(unpack_values(q, m.bits), s, m.group_size, dtype)
         return rows.reshape(*ids.shape, m.in_features)
 
     def dequantize(self, dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -153,7 +153,7 @@ def is_quantized(x: object) -> bool:
 # Packing and dequantization, shared by the records, quantize() and the GGUF importer.
 
 
-def _unpack(q: jax.Array, bits: int) -> jax.Array:
+def unpack_values(q: jax.Array, bits: int) -> jax.Array:
     """int8 values (..., I) from int8 q (..., I) or packed uint8 q (..., I // 2)."""
     if bits == 8:
         return q
@@ -162,7 +162,7 @@ def _unpack(q: jax.Array, bits: int) -> jax.Array:
     return jnp.stack([lo, hi], axis=-1).reshape(*q.shape[:-1], q.shape[-1] * 2)
 
 
-def _dequant_rows(values: jax.Array, scale: jax.Array, group: int, dtype: jnp.dtype) -> jax.Array:
+def dequantize_rows(values: jax.Array, scale: jax.Array, group: int, dtype: jnp.dtype) -> jax.Array:
     """values (..., I) int8, scale (..., I // group) -> (..., I) in dtype."""
     *lead, n = values.shape
     v = values.astype(dtype).reshape(*lead, n // group, group)

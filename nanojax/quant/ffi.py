@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nanojax.quant import arrays as _layout
+
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("qmatmul.cc", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed; the .cc compiled
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
@@ -56,18 +58,18 @@ _state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
 # The pure-JAX reference (also the GPU path and the CPU fallback).
 
 
+# The unpacking and group scaling are the records' own (nanojax.quant.arrays, imported as a module:
+# arrays imports this file while it loads), here in float32 and transposed to W (I, O).
+
+
 def dequantize_int8(q: jax.Array, scale: jax.Array, group_size: int) -> jax.Array:
     """int8 q (O, I), scale (O, I // G) -> fp32 W (I, O)."""
-    O, I = q.shape
-    w = q.astype(jnp.float32).reshape(O, I // group_size, group_size) * scale.astype(jnp.float32)[..., None]
-    return w.reshape(O, I).T
+    return _layout.dequantize_rows(q, scale, group_size, jnp.float32).T
 
 
 def unpack_int4(q: jax.Array) -> jax.Array:
     """uint8 q (O, I // 2) -> int8 values (O, I) in [-8, 7]: low nibble first, each stored as value + 8."""
-    lo = (q & 15).astype(jnp.int8) - 8
-    hi = (q >> 4).astype(jnp.int8) - 8
-    return jnp.stack([lo, hi], axis=-1).reshape(q.shape[0], 2 * q.shape[1])
+    return _layout.unpack_values(q, 4)
 
 
 def dequantize_int4(q: jax.Array, scale: jax.Array, group_size: int) -> jax.Array:
