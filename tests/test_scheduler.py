@@ -138,6 +138,11 @@ def test_queue_full_and_stopped_engine(params):
         eng.submit([1, 2, 3], greedy(2))
 
 
+def test_engine_refuses_params_of_another_model(params):
+    with pytest.raises(ValueError, match="params do not match cfg"):
+        Engine(params, CFG.replace(d_model=64, d_ff=128), TOK)
+
+
 @pytest.mark.parametrize("prompt, sp, match", [
     ([], greedy(2), "empty"),
     ([1] * 64, greedy(1), "exceeds the context"),

@@ -72,6 +72,10 @@ class Engine:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        wte = params.get("wte") if isinstance(params, dict) else None
+        if wte is None or tuple(wte.shape) != (cfg.vocab_size, cfg.d_model):
+            raise ValueError(f"params do not match cfg: wte is {getattr(wte, 'shape', None)}, expected "
+                             f"({cfg.vocab_size}, {cfg.d_model}); load both from the same checkpoint")
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.slots, self.max_queue, self.chunk_size = slots, max_queue, chunk_size
         self.kv_cache_dtype = kv_cache_dtype
