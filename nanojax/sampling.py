@@ -134,3 +134,66 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None, m
         raise ValueError(
             f"repetition_penalty must be > 0 (1 is off, > 1 discourages repeats), got {repetition_penalty!r}"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row samplers: every row its own temperature, top-k, top-p, min-p and PRNG stream (the
+# continuous-batching engine, nanojax/infer/slots.py, decodes unrelated requests in one batch).
+
+ROW_KNOBS = ("temperature", "top_k", "top_p", "min_p", "greedy")
+
+
+def row_knobs(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,
+              vocab_size: int) -> dict[str, np.ndarray]:
+    """One row's sampler values for `sample_rows` (checked arguments; "off" values where unset):
+    float32 temperature (1 for greedy), int32 top_k (V = off), float32 top_p (1 = off), float32
+    min_p (0 = off), bool greedy (temperature 0)."""
+    greedy = temperature == 0.0
+    return {"temperature": np.float32(1.0 if greedy else temperature),
+            "top_k": np.int32(vocab_size if top_k is None else min(int(top_k), vocab_size)),
+            "top_p": np.float32(1.0 if top_p is None else top_p),
+            "min_p": np.float32(0.0 if min_p is None else min_p),
+            "greedy": np.bool_(greedy)}
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array],
+                greedy_only: bool) -> jax.Array:
+    """One token per row, each row with its own sampler values (`row_knobs`, stacked to (R,)).
+
+    logits: float32 (R, V); keys: typed PRNG keys (R,), one per row. Greedy rows (and every row
+    when greedy_only, the static fast path) are the exact argmax of the raw logits. The others
+    follow `sample`'s HF order, temperature, top-k, top-p, min-p, with the thresholds taken per
+    row from one descending sort (a token stays when its logit is >= the row's k-th best, and
+    >= the smallest logit of the top-p prefix: HF's TopK/TopP warpers up to ties). Returns int32 (R,).
+    """
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy_only:
+        return best
+    R, V = logits.shape
+    x = logits / knobs["temperature"][:, None]
+    desc = -jnp.sort(-x, axis=-1)  # (R, V) high to low
+    rank = jnp.arange(V)[None, :]
+    k = jnp.clip(knobs["top_k"], 1, V)[:, None]  # (R, 1)
+    x = jnp.where(x >= jnp.take_along_axis(desc, k - 1, axis=-1), x, -jnp.inf)
+    desc = jnp.where(rank < k, desc, -jnp.inf)  # the survivors of top-k, still sorted
+    probs = jax.nn.softmax(desc, axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted candidate
+    top_p = knobs["top_p"][:, None]
+    keep = (above < top_p) | (top_p >= 1.0)  # top_p 1 keeps all, whatever the cumsum's rounding
+    n_keep = jnp.maximum(jnp.sum(keep & (rank < k), axis=-1, keepdims=True), 1)
+    x = jnp.where(x >= jnp.take_along_axis(desc, n_keep - 1, axis=-1), x, -jnp.inf)
+    probs = jax.nn.softmax(x, axis=-1)
+    x = jnp.where(probs >= knobs["min_p"][:, None] * jnp.max(probs, axis=-1, keepdims=True), x, -jnp.inf)
+    choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
+    return jnp.where(knobs["greedy"], best, choice)
+
+
+def row_logprobs(logits: jax.Array, temperature: jax.Array, tokens: jax.Array, n_top: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities as OpenAI-style APIs report them: log_softmax after the temperature,
+    before any filtering (vLLM's default). logits float32 (R, V); temperature (R,) (1 for greedy
+    rows); tokens int32 (R,). Returns (token logprob (R,), top ids int32 (R, n_top), top logprobs
+    (R, n_top)), best first."""
+    lp = jax.nn.log_softmax(logits / temperature[:, None], axis=-1)
+    top_lp, top_ids = jax.lax.top_k(lp, n_top)
+    return jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp

@@ -18,8 +18,25 @@ CONTRACT (the HTTP layer codes against exactly these names; the implementation f
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import dataclasses
-from collections.abc import AsyncIterator, Iterator
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from nanojax.config import ModelConfig
+from nanojax.infer import slots as SL
+from nanojax.infer.engine import KV_CACHE_DTYPES
+from nanojax.infer.generate import _check_ids
+from nanojax.infer.prefix import PrefixStore
+from nanojax.model import Params
+from nanojax.sampling import ROW_KNOBS, check_sampling, row_knobs
 
 
 class QueueFull(RuntimeError):
@@ -87,24 +104,436 @@ class Event:
     prefix_hit: int = 0
 
 
+
+MAX_LOGPROBS = SL.N_TOP
+
+
 class Request:
-    """A submitted request: iterate it (thread) or `stream()` it (asyncio) for its Events."""
+    """A submitted request: iterate it (thread) or `stream()` it (asyncio) for its Events.
+    Events are kept, so either way of reading sees all of them from the first."""
 
     id: str
     prompt_tokens: int
 
-    def __iter__(self) -> Iterator[Event]:
-        raise NotImplementedError
+    def __init__(self, engine: Engine, rid: str, prompt: list[int], params: SamplingParams, seed: int):
+        self.id, self.prompt, self.params, self.seed = rid, prompt, params, seed
+        self.prompt_tokens = len(prompt)
+        self._engine = engine
+        self._events: list[Event] = []
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.cancelled = False
+        self.finished = False
+        # The engine thread's bookkeeping.
+        self.generated: list[int] = []
+        self.text_sent = 0  # characters of text already in events
+        self.prefix_hit = 0
+        self.first = True
 
-    def stream(self) -> AsyncIterator[Event]:
-        raise NotImplementedError
+    def _push(self, ev: Event) -> None:
+        with self._cond:
+            self._events.append(ev)
+            self.finished = self.finished or ev.finish_reason is not None
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, flag in waiters:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # that event loop has closed: nobody is listening there
+                pass
+
+    def __iter__(self) -> Iterator[Event]:
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._events):
+                    self._cond.wait()
+                ev = self._events[i]
+            i += 1
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    async def stream(self) -> AsyncIterator[Event]:
+        """The same events for asyncio code: waits without holding a thread per request."""
+        loop, flag = asyncio.get_running_loop(), asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, flag))
+        i = 0
+        try:
+            while True:
+                flag.clear()  # clear, then look: a push after the look sets it again
+                with self._cond:
+                    new = self._events[i:]
+                if not new:
+                    await flag.wait()
+                    continue
+                for ev in new:
+                    i += 1
+                    yield ev
+                    if ev.finish_reason is not None:
+                        return
+        finally:
+            with self._cond:
+                self._waiters.remove((loop, flag))
 
     def cancel(self) -> None:
-        raise NotImplementedError
+        """Ends the request ("cancelled"); its slot is free before the engine's next decode chunk."""
+        self.cancelled = True
+        self._engine._wake()
 
 
 class Engine:
     """See the module docstring. stats() returns at least: queue_len, active_slots, slots,
     batch_occupancy (mean active/slots over recent decode chunks), tokens_per_s (recent),
     tokens_total, requests_total, requests_running, prefix_hits, prefix_tokens_reused,
-    executables (compiled variants so far)."""
+    executables (compiled variants so far).
+
+    tokenizer: anything with decode(list[int]) -> str, or None (events then carry no text and
+    stop strings are refused). slots: S, decode rows. chunk_size: decode steps per compiled call
+    (new requests join and finished ones leave between calls). prefix_cache_tokens: capacity of
+    the prefix store (0 turns prefix reuse off). kv_cache_dtype: None or "int8" (engine.Int8KV).
+    """
+
+    def __init__(self, params: Params, cfg: ModelConfig, tokenizer: Any = None, slots: int = 8,
+                 max_queue: int = 64, chunk_size: int = 8, prefix_cache_tokens: int = 8192,
+                 kv_cache_dtype: str | None = None):
+        if not isinstance(cfg, ModelConfig):
+            raise TypeError(f"cfg must be a nanojax ModelConfig, got {type(cfg).__name__}")
+        sizes = (("slots", slots, 1), ("max_queue", max_queue, 1), ("chunk_size", chunk_size, 1),
+                 ("prefix_cache_tokens", prefix_cache_tokens, 0))
+        for name, value, low in sizes:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+        self.slots, self.max_queue, self.chunk_size = slots, max_queue, chunk_size
+        self.kv_cache_dtype = kv_cache_dtype
+        self.C = SL.cache_len(cfg)
+        n_blocks = min(prefix_cache_tokens, 1 << 30) // SL.BLOCK
+        self._store = PrefixStore(n_blocks, SL.BLOCK) if n_blocks else None
+        self._cv = threading.Condition()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._running: list[Request | None] = [None] * slots
+        self._stopping = False
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self._cache: Any = None
+        self._pool: Any = None
+        self._next_id = 0
+        # Host copies of the per-slot decode state (rows of decode_chunk's `rows`).
+        S = slots
+        self._rows: dict[str, np.ndarray] = {
+            "token": np.zeros(S, np.int32), "pos": np.zeros(S, np.int32), "t": np.zeros(S, np.int32),
+            "active": np.zeros(S, bool), "remaining": np.zeros(S, np.int32),
+            "stops": np.full((S, SL.N_STOP), -1, np.int32), "key": np.zeros((S, 2), np.uint32),
+            **{k: np.stack([v] * S) for k, v in row_knobs(1.0, None, None, None, cfg.vocab_size).items()},
+        }
+        self._counts = collections.Counter()
+        self._recent: collections.deque[tuple[float, int, float]] = collections.deque(maxlen=64)
+
+    # -- the caller's side ----------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        """Starts the device thread (the first requests compile what they need)."""
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="nanojax-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
+        """Queues a request. ValueError for bad input (the message says what to change),
+        QueueFull when max_queue requests wait, EngineStopped after shutdown()."""
+        params = SamplingParams() if params is None else params
+        prompt, seed = self._validate(prompt_ids, params)
+        with self._cv:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down; it takes no new requests")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            req = Request(self, f"req-{self._next_id}", prompt, params, seed)
+            self._next_id += 1
+            self._queue.append(req)
+            self._counts["requests_total"] += 1
+            self._cv.notify_all()
+        return req
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            running = sum(r is not None for r in self._running)
+            recent = list(self._recent)
+            out: dict[str, Any] = {"queue_len": len(self._queue), "active_slots": running,
+                                   "slots": self.slots, "requests_running": running}
+        out["batch_occupancy"] = float(np.mean([occ for _, _, occ in recent])) if recent else 0.0
+        span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
+        out["tokens_per_s"] = sum(n for _, n, _ in recent[1:]) / span if span > 0 else 0.0
+        for name in ("tokens_total", "requests_total", "prefix_hits", "prefix_tokens_reused",
+                     "prefill_tokens", "requests_finished", "errors"):
+            out[name] = self._counts[name]
+        fns = {"prefill": SL.prefill, "decode_chunk": SL._decode_chunk_jit(), "save_blocks": SL.save_blocks,
+               "load_blocks": SL.load_blocks}
+        out["executables_by_fn"] = {k: f._cache_size() for k, f in fns.items()}
+        out["executables"] = sum(out["executables_by_fn"].values())
+        out["executable_variants"] = SL.variant_counts(self.cfg)
+        out["prefix_cache_blocks"] = 0 if self._store is None else len(self._store)
+        return out
+
+    def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stops taking requests. drain: finish the queued and running ones first; else cancel them."""
+        with self._cv:
+            self._stopping, self._drain = True, drain
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is None:  # never started: nothing runs the queue
+            for req in self._take_queue():
+                req._push(Event(finish_reason="cancelled", prompt_tokens=req.prompt_tokens))
+        else:
+            thread.join(timeout)
+
+    # -- validation -----------------------------------------------------------------------------
+
+    def _validate(self, prompt_ids: Any, p: SamplingParams) -> tuple[list[int], int]:
+        cfg = self.cfg
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(p).__name__}")
+        if isinstance(prompt_ids, str):
+            raise ValueError("the prompt must be token ids, not text: encode it with the tokenizer first")
+        prompt = _check_ids(list(prompt_ids), cfg.vocab_size, "the prompt")
+        if not prompt:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {p.max_tokens!r}")
+        if len(prompt) + p.max_tokens > cfg.max_seq_len:
+            room = cfg.max_seq_len - len(prompt)
+            fix = f"lower max_tokens to {room}" if room >= 1 else "shorten the prompt"
+            raise ValueError(f"the prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                             f"context of {cfg.max_seq_len} tokens; {fix}")
+        check_sampling(p.temperature, p.top_k, p.top_p, p.min_p, None, cfg.vocab_size)
+        _check_ids(list(p.stop_token_ids), cfg.vocab_size, "stop_token_ids")
+        if isinstance(p.stop, str) or not all(isinstance(s, str) and s for s in p.stop):
+            raise ValueError(f"stop must be a tuple of non-empty strings, got {p.stop!r}")
+        if p.stop and self.tokenizer is None:
+            raise ValueError("stop strings need text: this engine was built without a tokenizer")
+        if p.logprobs is not None and (isinstance(p.logprobs, bool) or not isinstance(p.logprobs, int)
+                                       or not 0 <= p.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {p.logprobs!r}")
+        if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int)):
+            raise ValueError(f"seed must be an int or None, got {p.seed!r}")
+        seed = random.getrandbits(32) if p.seed is None else p.seed % 2**32
+        return prompt, seed
+
+    # -- the device thread ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _take_queue(self) -> list[Request]:
+        with self._cv:
+            reqs = list(self._queue)
+            self._queue.clear()
+        return reqs
+
+    def _loop(self) -> None:
+        self._reset_device()
+        while True:
+            with self._cv:
+                while not (self._queue or self._rows["active"].any() or self._stopping):
+                    self._cv.wait()
+                busy = bool(self._queue) or self._rows["active"].any()
+                stop_now = self._stopping and (not self._drain or not busy)
+                free = [s for s in range(self.slots) if self._running[s] is None]
+                admit = []
+                while free and self._queue and not stop_now:
+                    req = self._queue.popleft()
+                    admit.append((free.pop(0), req))
+            if stop_now:
+                for req in self._take_queue() + [r for r in self._running if r is not None]:
+                    self._finish(req, "cancelled")
+                return
+            self._drop_cancelled()
+            for slot, req in admit:
+                if req.cancelled:
+                    self._finish(req, "cancelled")
+                    continue
+                self._guard([req], self._admit, slot, req)
+            self._drop_cancelled()
+            if self._rows["active"].any():
+                self._guard([r for r in self._running if r is not None], self._chunk)
+
+    def _guard(self, reqs: list[Request], fn: Any, *args: Any) -> None:
+        """Runs fn; an exception ends `reqs` with finish_reason="error" and the engine goes on
+        (with a fresh cache if the failed call had consumed the donated one)."""
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - reported to the requests it hit
+            self._counts["errors"] += 1
+            for req in reqs:
+                self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            if any(leaf.is_deleted() for leaf in jax.tree.leaves(self._cache)):
+                for req in self._running:
+                    if req is not None:
+                        self._finish(req, "error", error="the KV cache was lost to an earlier error")
+                self._reset_device()
+
+    def _reset_device(self) -> None:
+        self._cache = SL.new_cache(self.cfg, self.slots, self.kv_cache_dtype)
+        if self._store is not None:
+            self._store = PrefixStore(self._store.capacity, SL.BLOCK)
+            self._pool = SL.new_pool(self.cfg, self._store.capacity, self.kv_cache_dtype)
+
+    def _drop_cancelled(self) -> None:
+        for req in self._running:
+            if req is not None and req.cancelled:
+                self._finish(req, "cancelled")
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        """Frees req's slot (if any) and sends its last event (if not sent)."""
+        with self._cv:
+            for s, r in enumerate(self._running):
+                if r is req:
+                    self._running[s] = None
+                    self._rows["active"][s] = False
+        if not req.finished:
+            self._counts["requests_finished"] += 1
+            req._push(Event(finish_reason=reason, error=error, prompt_tokens=req.prompt_tokens,
+                            completion_tokens=len(req.generated),
+                            prefix_hit=req.prefix_hit if req.first else 0))
+
+    def _admit(self, slot: int, req: Request) -> None:
+        """Prefills req into `slot` (after copying its longest cached prefix) and sends token 0."""
+        prompt, p, n = req.prompt, req.params, len(req.prompt)
+        hit: list[int] = []
+        if self._store is not None:
+            hit = self._store.lookup(prompt, max_blocks=(n - 1) // SL.BLOCK)  # prefill >= 1 token
+        start = len(hit) * SL.BLOCK
+        if hit:
+            ids = np.zeros(self.C // SL.BLOCK, np.int32)
+            ids[: len(hit)] = hit
+            self._cache = SL.load_blocks(self._cache, self._pool, np.int32(slot), ids)
+        new = prompt[start:]
+        tokens = np.zeros((1, SL.prefill_bucket(len(new))), np.int32)
+        tokens[0, : len(new)] = new
+        knobs = row_knobs(p.temperature, p.top_k, p.top_p, p.min_p, self.cfg.vocab_size)
+        key = np.asarray(jax.random.key_data(jax.random.key(req.seed)), np.uint32)
+        self._cache, out = SL.prefill(self.params, self._cache, tokens, np.int32(slot), np.int32(start),
+                                      np.int32(len(new)), {k: v[None] for k, v in knobs.items()}, key[None],
+                                      cfg=self.cfg)
+        if self._store is not None:
+            copies = self._store.insert(prompt)
+            if copies:
+                src = np.zeros(self.C // SL.BLOCK, np.int32)
+                dst = np.full(self.C // SL.BLOCK, self._store.capacity, np.int32)  # = skip
+                for j, (i, b) in enumerate(copies):
+                    src[j], dst[j] = i, b
+                self._pool = SL.save_blocks(self._cache, self._pool, np.int32(slot), src, dst)
+        out = jax.device_get(out)
+        req.prefix_hit = start
+        self._counts["prefill_tokens"] += len(new)
+        self._counts["prefix_hits"] += bool(start)
+        self._counts["prefix_tokens_reused"] += start
+        stops = np.full(SL.N_STOP, -1, np.int32)
+        stops[: min(SL.N_STOP, len(p.stop_token_ids))] = p.stop_token_ids[: SL.N_STOP]
+        with self._cv:
+            self._running[slot] = req
+            r = self._rows
+            r["token"][slot], r["pos"][slot], r["t"][slot] = out["token"][0], n, 0
+            r["remaining"][slot], r["stops"][slot], r["key"][slot] = p.max_tokens - 1, stops, key
+            for k in ROW_KNOBS:
+                r[k][slot] = knobs[k]
+            r["active"][slot] = p.max_tokens > 1
+        self._deliver(req, [int(out["token"][0])], out, 0)
+
+    def _chunk(self) -> None:
+        """One compiled decode chunk for every active slot, then each request's events."""
+        r = self._rows
+        active = r["active"].copy()
+        running = list(self._running)
+        window = SL.window_for(int(r["pos"][active].max()), self.chunk_size, self.C)
+        greedy_only = bool(r["greedy"][active].all())
+        logprobs = any(running[s].params.logprobs is not None for s in np.flatnonzero(active))
+        self._cache, out = SL.decode_chunk(self.params, self._cache, {k: v.copy() for k, v in r.items()},
+                                           cfg=self.cfg, steps=self.chunk_size, window=window,
+                                           greedy_only=greedy_only, logprobs=logprobs)
+        out = jax.device_get(out)
+        made = int(out["n"].sum())
+        self._counts["tokens_total"] += made
+        self._recent.append((time.perf_counter(), made, float(active.mean())))
+        for s in np.flatnonzero(active):
+            n, req = int(out["n"][s]), running[s]
+            with self._cv:
+                r["pos"][s] += n
+                r["t"][s] += n
+                r["remaining"][s] -= n
+                if n:
+                    r["token"][s] = out["tokens"][s, n - 1]
+                r["active"][s] = r["active"][s] and r["remaining"][s] > 0
+            self._guard([req], self._deliver, req, [int(x) for x in out["tokens"][s, :n]], out, s)
+
+    # -- the host side of each token: stops, text, events ----------------------------------------
+
+    def _deliver(self, req: Request, toks: list[int], out: dict[str, np.ndarray], row: int) -> None:
+        """Adds a request's new tokens (out: the device call's output, row: its row there) and
+        sends an Event; finishes the request on a stop token, a stop string or its budget."""
+        p = req.params
+        ids, reason, cut = [], None, None
+        for tok in toks:
+            ids.append(tok)
+            req.generated.append(tok)
+            if tok in p.stop_token_ids:
+                reason = "stop"
+                break
+            if p.stop:
+                text = self.tokenizer.decode(req.generated)
+                hits = [i for i in (text.find(s, max(0, req.text_sent - len(s))) for s in p.stop) if i >= 0]
+                if hits:
+                    reason, cut = "stop", text[: min(hits)]
+                    break
+            if len(req.generated) >= p.max_tokens:
+                reason = "length"
+                break
+        text = self._text(req, reason, cut)
+        logprobs = None
+        if p.logprobs is not None:
+            lp, top_ids, top_lp = out["logprob"], out["top_ids"], out["top_logprobs"]
+            if lp.ndim == 1:  # prefill: one token, no step axis
+                lp, top_ids, top_lp = lp[:, None], top_ids[:, None], top_lp[:, None]
+            logprobs = tuple(TokenLogprob(tok, float(lp[row, j]), tuple(
+                (int(top_ids[row, j, m]), float(top_lp[row, j, m])) for m in range(p.logprobs)))
+                for j, tok in enumerate(ids))
+        done = reason is not None
+        req._push(Event(token_ids=tuple(ids), text=text, logprobs=logprobs, finish_reason=reason,
+                        prompt_tokens=req.prompt_tokens if done else 0,
+                        completion_tokens=len(req.generated) if done else 0,
+                        prefix_hit=req.prefix_hit if req.first else 0))
+        req.first = False
+        if done:
+            self._counts["requests_finished"] += 1
+            self._finish(req, reason)
+
+    def _text(self, req: Request, reason: str | None, cut: str | None) -> str:
+        """The text that can be sent now: all of it at the end; before that, held back while it
+        ends in a partial UTF-8 character or could be the start of a stop string."""
+        if self.tokenizer is None:
+            return ""
+        if cut is not None:
+            full = cut
+        else:
+            ids = req.generated
+            if reason == "stop" and ids and ids[-1] in req.params.stop_token_ids:
+                ids = ids[:-1]  # a stop token is reported in token_ids, not in the text
+            full = self.tokenizer.decode(ids)
+        end = len(full)
+        if reason is None:
+            while end > req.text_sent and full[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+                end -= 1
+            for s in req.params.stop:  # hold the longest tail that may begin a stop string
+                for k in range(min(len(s) - 1, end - req.text_sent), 0, -1):
+                    if full[:end].endswith(s[:k]):
+                        end = min(end, len(full[:end]) - k)
+                        break
+        piece = full[req.text_sent:end]
+        req.text_sent = max(req.text_sent, end)
+        return piece

@@ -1,0 +1,254 @@
+"""The continuous-batching engine (nanojax/infer/scheduler.py over infer/slots.py): requests that
+come and go at different times, in different slots, must give what `nj.generate` gives for each
+prompt alone (the oracle); prefix reuse must not change greedy tokens; logprobs must equal
+log_softmax of `nj.forward`'s logits; cancels free slots; a full queue refuses; seeded sampling
+does not depend on the slot or the neighbours; nothing recompiles beyond the stated variants."""
+
+import string
+import threading
+
+import jax
+import numpy as np
+import pytest
+from conftest import np_params
+
+import nanojax as nj
+from nanojax.infer import slots as SL
+from nanojax.infer.scheduler import Engine, EngineStopped, QueueFull, SamplingParams
+from nanojax.tokenizer import CharTokenizer
+
+# A Llama-family model (RoPE, grouped-query attention: 4 heads over 2 kv heads) with peaked logits,
+# so greedy choices are not near-ties.
+CFG = nj.ModelConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=32, d_ff=64, max_seq_len=64,
+                     pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False,
+                     init_std=0.2)
+TOK = CharTokenizer(string.printable[:97])
+
+
+class FlakyTokenizer:
+    """The char tokenizer, with two hooks into the engine thread (which calls decode for every
+    request it delivers tokens to): decode raises while `fail` is set (the error path), and
+    blocks on `gate` when it sees `pause_at` tokens (to act while requests are mid-decode).
+    `log` keeps every decoded id list, in the engine's order."""
+
+    def __init__(self):
+        self.fail = False
+        self.pause_at = None
+        self.paused, self.gate = threading.Event(), threading.Event()
+        self.gate.set()
+        self.log = []
+
+    def decode(self, ids):
+        self.log.append(tuple(ids))
+        if self.fail and len(ids) >= 3:
+            raise RuntimeError("decode failed on purpose")
+        if len(ids) == self.pause_at:
+            self.paused.set()
+            self.gate.wait(timeout=60)
+        return TOK.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return np_params(CFG, 0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return FlakyTokenizer()
+
+
+@pytest.fixture(scope="module")
+def engine(params, tokenizer):
+    eng = Engine(params, CFG, tokenizer, slots=3, max_queue=16, chunk_size=4,
+                 prefix_cache_tokens=256).start()
+    yield eng
+    eng.shutdown(drain=False, timeout=30)
+
+
+def _prompts(seed, lengths):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(0, CFG.vocab_size, n)] for n in lengths]
+
+
+def _oracle(params, prompts, max_tokens):
+    """nj.generate's greedy tokens for each prompt (one ragged batch: each row is independent of
+    the others there, tests/test_generate.py; one call compiles less than one per prompt)."""
+    out = nj.generate(params, CFG, prompts, max_new_tokens=max(max_tokens))
+    return [o[:m] for o, m in zip(out, max_tokens, strict=True)]
+
+
+def _collect(req):
+    events = list(req)
+    return [t for ev in events for t in ev.token_ids], events
+
+
+def greedy(n, **kw):
+    return SamplingParams(max_tokens=n, temperature=0.0, **kw)
+
+
+def test_staggered_requests_equal_generate_alone(engine, params):
+    prompts = _prompts(1, [5, 19, 1, 33, 12, 8])
+    max_tokens = [9, 4, 20, 11, 14, 3]
+    first = [engine.submit(p, greedy(m)) for p, m in zip(prompts[:2], max_tokens[:2], strict=True)]
+    next(iter(first[0]))  # the first request is decoding before the others arrive
+    later = [engine.submit(p, greedy(m)) for p, m in zip(prompts[2:], max_tokens[2:], strict=True)]
+    outs = [_collect(r) for r in first + later]
+    for (toks, events), p, m, want in zip(outs, prompts, max_tokens, _oracle(params, prompts, max_tokens),
+                                          strict=True):
+        assert toks == want
+        last = events[-1]
+        assert last.finish_reason == "length"
+        assert (last.prompt_tokens, last.completion_tokens) == (len(p), m)
+        assert "".join(ev.text for ev in events) == TOK.decode(want)
+    stats = engine.stats()
+    assert stats["active_slots"] == 0 and stats["queue_len"] == 0
+
+
+def test_cancel_frees_the_slot_and_leaves_the_others_alone(engine, params, tokenizer):
+    prompts = _prompts(2, [6, 10, 4, 7])
+    tokenizer.paused.clear()
+    tokenizer.gate.clear()
+    tokenizer.pause_at = 5
+    try:
+        long = [engine.submit(p, greedy(50)) for p in prompts[:3]]  # all three slots busy
+        assert tokenizer.paused.wait(timeout=60)  # the engine is mid-decode, held in decode()
+        waiting = engine.submit(prompts[3], greedy(6))  # queued behind them
+        long[1].cancel()
+    finally:
+        tokenizer.pause_at = None
+        tokenizer.gate.set()
+    toks, _ = _collect(waiting)  # runs in the freed slot while the other two keep going
+    kept = [_collect(long[i])[0] for i in (0, 2)]
+    cancelled = list(long[1])
+    assert cancelled[-1].finish_reason == "cancelled" and cancelled[-1].completion_tokens < 50
+    assert toks == _oracle(params, prompts[3:], [6])[0]
+    assert kept == _oracle(params, [prompts[0], prompts[2]], [50, 50])
+    # The queued request finished long before the two long ones: the cancel freed a slot for it.
+    done_at = tokenizer.log.index(tuple(toks))
+    assert all(done_at < tokenizer.log.index(tuple(k)) for k in kept)
+
+
+def test_queue_full_and_stopped_engine(params):
+    eng = Engine(params, CFG, None, slots=1, max_queue=2)  # not started: the queue only fills
+    reqs = [eng.submit([1, 2, 3], greedy(2)) for _ in range(2)]
+    with pytest.raises(QueueFull, match="queue is full"):
+        eng.submit([1, 2, 3], greedy(2))
+    eng.shutdown(drain=False)
+    assert [list(r)[-1].finish_reason for r in reqs] == ["cancelled", "cancelled"]
+    with pytest.raises(EngineStopped):
+        eng.submit([1, 2, 3], greedy(2))
+
+
+@pytest.mark.parametrize("prompt, sp, match", [
+    ([], greedy(2), "empty"),
+    ([1] * 64, greedy(1), "exceeds the context"),
+    ([1, 2], greedy(0), "max_tokens must be an int >= 1"),
+    ([1] * 60, greedy(5), "lower max_tokens to 4"),
+    ([1, 97], greedy(2), "outside the vocabulary"),
+    ("hello", greedy(2), "token ids, not text"),
+    ([1], SamplingParams(temperature=-1.0), "temperature"),
+    ([1], SamplingParams(top_p=0.0), "top_p"),
+    ([1], SamplingParams(top_k=0), "top_k"),
+    ([1], SamplingParams(min_p=2.0), "min_p"),
+    ([1], SamplingParams(logprobs=21), "logprobs"),
+    ([1], SamplingParams(stop_token_ids=(200,)), "stop_token_ids"),
+    ([1], SamplingParams(stop=("",)), "stop must be"),
+])
+def test_bad_requests_are_refused_with_a_clear_error(params, prompt, sp, match):
+    eng = Engine(params, CFG, TOK, slots=1)
+    with pytest.raises(ValueError, match=match):
+        eng.submit(prompt, sp)
+
+
+def test_prefix_reuse_gives_the_same_tokens_and_skips_the_prefill(engine, params):
+    shared = _prompts(3, [40])[0]
+    a, b = shared + [1, 2, 3], shared + [7]
+    before = engine.stats()
+    toks_a, ev_a = _collect(engine.submit(a, greedy(8)))
+    mid = engine.stats()
+    toks_b, ev_b = _collect(engine.submit(b, greedy(8)))
+    after = engine.stats()
+    assert ev_a[0].prefix_hit == 0
+    assert ev_b[0].prefix_hit == 32  # two whole 16-token blocks of the shared 40
+    assert [toks_a, toks_b] == _oracle(params, [a, b], [8, 8])
+    assert mid["prefill_tokens"] - before["prefill_tokens"] == len(a)
+    assert after["prefill_tokens"] - mid["prefill_tokens"] == len(b) - 32
+    assert after["prefix_hits"] == mid["prefix_hits"] + 1
+
+
+def test_logprobs_equal_log_softmax_of_forward(engine, params):
+    prompt = _prompts(4, [9])[0]
+    temp = 0.7
+    toks, events = _collect(engine.submit(prompt, SamplingParams(max_tokens=6, temperature=temp, seed=3,
+                                                                  logprobs=3)))
+    lps = [lp for ev in events for lp in ev.logprobs]
+    logits = nj.forward(params, np.asarray([prompt + toks], np.int32), CFG)[0]  # (T, V)
+    want = np.asarray(jax.nn.log_softmax(logits / temp, axis=-1))[len(prompt) - 1: -1]  # (6, V)
+    assert [lp.token for lp in lps] == toks
+    np.testing.assert_allclose([lp.logprob for lp in lps], want[np.arange(6), toks], atol=2e-4)
+    for lp, row in zip(lps, want, strict=True):
+        best = np.argsort(-row)[:3]
+        assert [i for i, _ in lp.top] == best.tolist()
+        np.testing.assert_allclose([v for _, v in lp.top], row[best], atol=2e-4)
+
+
+def test_stop_strings_and_stop_tokens(engine, params):
+    prompt = _prompts(5, [7])[0]
+    full = _oracle(params, [prompt], [20])[0]
+    text = TOK.decode(full)
+    stop = text[9:11]
+    k = text.find(stop)
+    toks, events = _collect(engine.submit(prompt, greedy(20, stop=(stop, "never-there"))))
+    assert "".join(ev.text for ev in events) == text[:k]
+    assert events[-1].finish_reason == "stop"
+    assert toks == full[: k + len(stop)]  # up to the token that completed the stop string
+    stop_id = full[4]
+    toks, events = _collect(engine.submit(prompt, greedy(20, stop_token_ids=(stop_id,))))
+    cut = full.index(stop_id) + 1
+    assert toks == full[:cut] and events[-1].finish_reason == "stop"
+    assert "".join(ev.text for ev in events) == TOK.decode(full[: cut - 1])  # the stop id has no text
+
+
+def test_seeded_sampling_ignores_slot_and_neighbours(engine):
+    prompt = _prompts(6, [11])[0]
+    sp = SamplingParams(max_tokens=24, temperature=1.0, top_k=40, top_p=0.95, min_p=0.01, seed=11)
+    alone, _ = _collect(engine.submit(prompt, sp))
+    others = [engine.submit(p, SamplingParams(max_tokens=30, temperature=0.9, seed=i))
+              for i, p in enumerate(_prompts(7, [3, 20]))]
+    crowded, _ = _collect(engine.submit(prompt, sp))  # now in the third slot, beside two others
+    other_seed, _ = _collect(engine.submit(prompt, SamplingParams(**{**sp.__dict__, "seed": 12})))
+    for r in others:
+        list(r)
+    assert crowded == alone
+    assert other_seed != alone
+
+
+def test_an_error_ends_only_its_request(engine, tokenizer, params):
+    prompt = _prompts(8, [5])[0]
+    tokenizer.fail = True
+    try:
+        _, events = _collect(engine.submit(prompt, greedy(6)))
+    finally:
+        tokenizer.fail = False
+    assert events[-1].finish_reason == "error" and "decode failed on purpose" in events[-1].error
+    toks, _ = _collect(engine.submit(prompt, greedy(6)))
+    assert toks == _oracle(params, [prompt], [6])[0]
+
+
+def test_requests_coming_and_going_do_not_recompile(engine, params):
+    prompts = _prompts(9, [2, 30, 13, 5, 21])
+    max_tokens = [12, 6, 17, 9, 4]
+
+    def run():
+        reqs = [engine.submit(p, greedy(m)) for p, m in zip(prompts, max_tokens, strict=True)]
+        return [_collect(r)[0] for r in reqs]
+
+    run()  # compiles whatever these shapes need
+    before = engine.stats()
+    outs = run()
+    after = engine.stats()
+    assert outs == _oracle(params, prompts, max_tokens)
+    assert after["executables"] == before["executables"]
+    limits = SL.variant_counts(CFG)
+    assert all(after["executables_by_fn"][k] <= limits[k] for k in limits)
