@@ -35,6 +35,12 @@ from nanojax.serve.schemas import ChatCompletionRequest, CompletionRequest
 FINISH = {"stop": "stop", "length": "length", "cancelled": "abort"}  # "abort": vLLM's name
 
 
+def _cancel(reqs: Sequence[Any]) -> None:
+    """Cancels every request (a no-op for finished ones): the one way a request is given up."""
+    for r in reqs:
+        r.cancel()
+
+
 def _param_of(message: str) -> str | None:
     """Which request field an engine ValueError is about, for the error body's `param`."""
     for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "logprobs"):
@@ -102,12 +108,10 @@ class _Server:
             for ids, sp in zip(prompts, params, strict=True):
                 reqs.append(self.engine.submit(ids, sp))
         except ValueError as e:
-            for r in reqs:
-                r.cancel()
+            _cancel(reqs)
             raise APIError(400, str(e), _param_of(str(e)), "invalid_value") from None
         except BaseException:
-            for r in reqs:
-                r.cancel()
+            _cancel(reqs)
             raise  # QueueFull -> 429, EngineStopped -> 503 (errors.py)
         return reqs
 
@@ -123,7 +127,7 @@ async def _merged(reqs: list[Any]) -> AsyncIterator[tuple[int, Event]]:
             async for ev in reqs[0].stream():
                 yield 0, ev
         finally:
-            reqs[0].cancel()
+            _cancel(reqs)
         return
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
@@ -141,8 +145,7 @@ async def _merged(reqs: list[Any]) -> AsyncIterator[tuple[int, Event]]:
     finally:
         for t in tasks:
             t.cancel()
-        for r in reqs:
-            r.cancel()
+        _cancel(reqs)
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -317,12 +320,7 @@ def _streaming(gen: AsyncIterator[str], reqs: list[Any]) -> StreamingResponse:
     """SSE response. The background task cancels the requests once the response ends however it
     ends: a client that disconnects before the first chunk never starts `gen`, so its `finally`
     alone would not run."""
-
-    def cancel_all() -> None:
-        for r in reqs:
-            r.cancel()
-
-    return StreamingResponse(gen, media_type="text/event-stream", background=BackgroundTask(cancel_all),
+    return StreamingResponse(gen, media_type="text/event-stream", background=BackgroundTask(_cancel, reqs),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
