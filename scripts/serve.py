@@ -6,7 +6,8 @@
         -d '{"model": "sc_cpu", "prompt": "ROMEO:", "max_tokens": 64, "temperature": 0}'
 
 Binds 127.0.0.1 unless --host says otherwise. Ctrl-C (or SIGTERM) stops taking connections, lets
-running requests finish for up to --drain_timeout seconds, cancels what is left and exits.
+running requests finish for up to --drain_timeout seconds, cancels what is left (those streams end
+with finish_reason "abort") and exits 0 (nanojax/serve/server.py).
 docs/serving.md has the API, the errors and measurements.
 """
 
@@ -40,10 +41,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    import uvicorn
-
     from nanojax.infer.scheduler import Engine
     from nanojax.serve.app import create_app
+    from nanojax.serve.server import serve
 
     if FLAGS.verbosity <= 0:
         logging.set_verbosity(logging.WARNING)  # orbax logs a restore at INFO
@@ -63,13 +63,11 @@ def main(argv):
                     chunk_size=FLAGS.chunk_size, prefix_cache_tokens=FLAGS.prefix_cache_tokens,
                     kv_cache_dtype=FLAGS.kv_cache_dtype)
     app = create_app(engine, m.tokenizer, name, chat_template=template, stop_token_ids=m.stop_token_ids,
-                     prompt_prefix=m.prompt_prefix, max_context=m.cfg.max_seq_len,
-                     drain_timeout=FLAGS.drain_timeout)
-    print(f"serving {name!r} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots)", flush=True)
-    # uvicorn handles SIGINT/SIGTERM: it stops accepting, waits up to timeout_graceful_shutdown for
-    # open responses, cancels the rest (their requests are cancelled), then runs the app's shutdown.
-    uvicorn.Server(uvicorn.Config(app, host=FLAGS.host, port=FLAGS.port, log_level="warning",
-                                  timeout_graceful_shutdown=FLAGS.drain_timeout)).run()
+                     prompt_prefix=m.prompt_prefix, max_context=m.cfg.max_seq_len, manage_engine=False)
+    print(f"serving {name!r} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots); Ctrl-C stops",
+          flush=True)
+    serve(app, engine, host=FLAGS.host, port=FLAGS.port, drain_timeout=FLAGS.drain_timeout)
+    print("stopped", flush=True)
 
 
 if __name__ == "__main__":

@@ -261,3 +261,68 @@ def test_hf_chat_template_matches_transformers(tmp_path):
     r = TestClient(app).post("/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
     assert r.status_code == 400 and "roles must alternate" in r.json()["error"]["message"]
+
+
+_SERVE_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import nanojax as nj
+from conftest import np_params
+from nanojax.infer.scheduler import Engine
+from nanojax.serve import create_app
+from nanojax.serve.server import serve
+from nanojax.tokenizer import CharTokenizer
+tok = CharTokenizer({chars!r})
+cfg = nj.ModelConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, d_model=32, max_seq_len=128)
+engine = Engine(np_params(cfg, 0), cfg, tok, slots=2, chunk_size=1)
+serve(create_app(engine, tok, "tiny", manage_engine=False), engine, port={port}, drain_timeout=30)
+print("clean exit")
+"""
+
+
+def test_sigint_drains_running_stream_then_exits_0(tmp_path):
+    """Ctrl-C with a stream running: the stream still gets every token and [DONE], new connections
+    are refused, and the process exits 0 (nanojax/serve/server.py)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = _SERVE_SCRIPT.format(tests=str(Path(__file__).parent), chars=CHARS, port=port)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        body = {"model": MODEL, "prompt": "A", "max_tokens": 120, "temperature": 0, "stream": True}
+        text, finish, at_signal = "", None, None
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    text += "[DONE]"
+                elif line.startswith("data: "):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text, finish = text + choice["text"], choice["finish_reason"] or finish
+                    if at_signal is None:
+                        at_signal = len(text)
+                        proc.send_signal(signal.SIGINT)
+                        time.sleep(0.2)
+                        with pytest.raises(httpx.ConnectError):
+                            httpx.get(url + "/health")
+        assert at_signal < 120 and len(text) == 120 + len("[DONE]") and finish == "length"
+        assert proc.wait(timeout=60) == 0
+        assert "clean exit" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
