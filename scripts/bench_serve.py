@@ -57,7 +57,7 @@ FLAGS = flags.FLAGS
 
 
 def _start_server():
-    """A server on a free loopback port in a thread of this process: (url, tokenizer, context, stop)."""
+    """A server on a free loopback port in a thread of this process: (url, engine, context, stop)."""
     import uvicorn
 
     import nanojax as nj
@@ -92,7 +92,7 @@ def _start_server():
         server.should_exit = True
         thread.join(timeout=60)
 
-    return f"http://127.0.0.1:{port}", tok, cfg.max_seq_len, stop
+    return f"http://127.0.0.1:{port}", engine, cfg.max_seq_len, stop
 
 
 async def _stream(client, url: str, prompt: str, max_tokens: int) -> dict:
@@ -181,11 +181,11 @@ def main(argv):
     if FLAGS.url and not FLAGS.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         raise ValueError(f"--url must be a loopback address (this is a load test), got {FLAGS.url}")
     rng = np.random.default_rng(FLAGS.seed)
-    stop = None
+    stop = engine = None
     if FLAGS.url:
         url = FLAGS.url.rstrip("/")
     else:
-        url, tok, context, stop = _start_server()
+        url, engine, context, stop = _start_server()
         if FLAGS.max_prompt + FLAGS.max_new > context or FLAGS.prefix_len + 12 + 4 > context:
             raise ValueError(f"prompts + outputs must fit the model's {context}-token context")
     path = Path(FLAGS.text)
@@ -220,6 +220,11 @@ def main(argv):
             for c, w in pairs:
                 print(f"  cold {1e3 * c:.1f}  warm {1e3 * w:.1f}  ratio {c / w:.2f}x")
             print(f"  median ratio: {statistics.median(ratios):.2f}x")
+        if engine is not None:
+            st = engine.stats()
+            print(f"\nengine: {st['executables']} executables compiled ({st['executables_by_fn']}; at most "
+                  f"{st['executable_variants']}), prefix hits {st['prefix_hits']}, "
+                  f"prompt tokens reused {st['prefix_tokens_reused']}")
         if bad:
             raise ValueError(f"{len(bad)} completions were incomplete or differ from the sequential answer")
     finally:

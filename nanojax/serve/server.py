@@ -25,13 +25,16 @@ import uvicorn
 
 
 class _DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: Any, drain_timeout: float):
+    def __init__(self, config: uvicorn.Config, app: Any, engine: Any, drain_timeout: float):
         super().__init__(config)
-        self.engine, self.drain_timeout = engine, drain_timeout
+        self.app, self.engine, self.drain_timeout = app, engine, drain_timeout
         self.drainer: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drainer is None:  # the first signal starts the drain; a second one forces the exit
+            state = getattr(getattr(self.app, "state", None), "server", None)
+            if state is not None:
+                state.draining = True  # /health answers 503 on connections still open
             self.drainer = threading.Thread(target=self._drain, name="nanojax-drain", daemon=True)
             self.drainer.start()
         super().handle_exit(sig, frame)
@@ -56,7 +59,7 @@ def serve(app: Any, engine: Any, host: str = "127.0.0.1", port: int = 8000, drai
     engine.start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout + 15.0)
-    server = _DrainingServer(config, engine, drain_timeout)
+    server = _DrainingServer(config, app, engine, drain_timeout)
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         server.run()
