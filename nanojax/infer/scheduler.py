@@ -14,17 +14,19 @@ CONTRACT (the HTTP layer codes against exactly these names; the implementation f
     req.cancel()                                      # frees the slot at once (client went away)
     engine.stats()                                    # dict for /metrics and /health
     engine.shutdown(drain=True, timeout=None)         # drain: finish what is queued; else cancel
+
+The request-side types (SamplingParams, Event, TokenLogprob, Request, QueueFull, EngineStopped)
+live in infer/requests.py and are re-exported here; the compiled slot cache, prefill and decode
+chunk in infer/slots.py; the prefix store's bookkeeping in infer/prefix.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import dataclasses
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -35,152 +37,14 @@ from nanojax.infer import slots as SL
 from nanojax.infer.engine import KV_CACHE_DTYPES
 from nanojax.infer.generate import _check_ids
 from nanojax.infer.prefix import PrefixStore
+from nanojax.infer.requests import EngineStopped, Event, QueueFull, Request, SamplingParams, TokenLogprob
+from nanojax.infer.stops import releasable
 from nanojax.model import Params
 from nanojax.sampling import ROW_KNOBS, check_sampling, row_knobs
 
-
-class QueueFull(RuntimeError):
-    """submit() found the request queue at max_queue: the server answers 429 with this message."""
-
-
-class EngineStopped(RuntimeError):
-    """submit() after shutdown() began: the server answers 503."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """One request's decoding settings (OpenAI's names). temperature 0 is greedy.
-
-    max_tokens: new tokens at most; prompt + max_tokens must fit cfg.max_seq_len.
-    top_k: None or >= 1; top_p in (0, 1]; min_p in [0, 1]; seed: None draws one.
-    stop_token_ids: ids that end the request (the id is reported in the tokens, not in the text).
-    stop: strings that end the request; the text is cut before the first one (not included).
-    logprobs: None, or how many top alternatives (0..20) to report with each token's own logprob.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's log-probability (natural log, of the model's distribution after
-    temperature, before top-k/top-p/min-p filtering, as vLLM reports by default) and the top
-    alternatives as (token id, logprob) pairs, best first."""
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Event:
-    """What a request yields, in order: zero or more deltas, the last one with finish_reason set.
-
-    token_ids: the new ids this delta adds (a stop token id is included, as in generate).
-    text: the new text (held back while it could be the start of a stop string or a partial UTF-8
-      character; the concatenation of every text is the completion's text).
-    logprobs: one per token_ids entry when SamplingParams.logprobs is not None, else None.
-    finish_reason: None until the last event: "stop" (stop token or string), "length"
-      (max_tokens), "cancelled" (cancel() or shutdown without drain), "error" (see `error`).
-    prompt_tokens / completion_tokens: usage counts, set on the last event.
-    prefix_hit: how many prompt tokens came from the prefix cache (set on the first event).
-    """
-
-    token_ids: tuple[int, ...] = ()
-    text: str = ""
-    logprobs: tuple[TokenLogprob, ...] | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prefix_hit: int = 0
-
-
+__all__ = ["Engine", "EngineStopped", "Event", "QueueFull", "Request", "SamplingParams", "TokenLogprob"]
 
 MAX_LOGPROBS = SL.N_TOP
-
-
-class Request:
-    """A submitted request: iterate it (thread) or `stream()` it (asyncio) for its Events.
-    Events are kept, so either way of reading sees all of them from the first."""
-
-    id: str
-    prompt_tokens: int
-
-    def __init__(self, engine: Engine, rid: str, prompt: list[int], params: SamplingParams, seed: int):
-        self.id, self.prompt, self.params, self.seed = rid, prompt, params, seed
-        self.prompt_tokens = len(prompt)
-        self._engine = engine
-        self._events: list[Event] = []
-        self._cond = threading.Condition()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self.cancelled = False
-        self.finished = False
-        # The engine thread's bookkeeping.
-        self.generated: list[int] = []
-        self.text_sent = 0  # characters of text already in events
-        self.prefix_hit = 0
-        self.first = True
-
-    def _push(self, ev: Event) -> None:
-        with self._cond:
-            self._events.append(ev)
-            self.finished = self.finished or ev.finish_reason is not None
-            self._cond.notify_all()
-            waiters = list(self._waiters)
-        for loop, flag in waiters:
-            try:
-                loop.call_soon_threadsafe(flag.set)
-            except RuntimeError:  # that event loop has closed: nobody is listening there
-                pass
-
-    def __iter__(self) -> Iterator[Event]:
-        i = 0
-        while True:
-            with self._cond:
-                while i >= len(self._events):
-                    self._cond.wait()
-                ev = self._events[i]
-            i += 1
-            yield ev
-            if ev.finish_reason is not None:
-                return
-
-    async def stream(self) -> AsyncIterator[Event]:
-        """The same events for asyncio code: waits without holding a thread per request."""
-        loop, flag = asyncio.get_running_loop(), asyncio.Event()
-        with self._cond:
-            self._waiters.append((loop, flag))
-        i = 0
-        try:
-            while True:
-                flag.clear()  # clear, then look: a push after the look sets it again
-                with self._cond:
-                    new = self._events[i:]
-                if not new:
-                    await flag.wait()
-                    continue
-                for ev in new:
-                    i += 1
-                    yield ev
-                    if ev.finish_reason is not None:
-                        return
-        finally:
-            with self._cond:
-                self._waiters.remove((loop, flag))
-
-    def cancel(self) -> None:
-        """Ends the request ("cancelled"); its slot is free before the engine's next decode chunk."""
-        self.cancelled = True
-        self._engine._wake()
 
 
 class Engine:
@@ -253,7 +117,7 @@ class Engine:
                 raise EngineStopped("the engine is shutting down; it takes no new requests")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            req = Request(self, f"req-{self._next_id}", prompt, params, seed)
+            req = Request(self._wake, f"req-{self._next_id}", prompt, params, seed)
             self._next_id += 1
             self._queue.append(req)
             self._counts["requests_total"] += 1
@@ -276,7 +140,7 @@ class Engine:
                "load_blocks": SL.load_blocks}
         out["executables_by_fn"] = {k: f._cache_size() for k, f in fns.items()}
         out["executables"] = sum(out["executables_by_fn"].values())
-        out["executable_variants"] = SL.variant_counts(self.cfg)
+        out["executable_variants"] = SL.variant_counts(self.cfg, self.slots)
         out["prefix_cache_blocks"] = 0 if self._store is None else len(self._store)
         return out
 
@@ -447,30 +311,36 @@ class Engine:
         self._deliver(req, [int(out["token"][0])], out, 0)
 
     def _chunk(self) -> None:
-        """One compiled decode chunk for every active slot, then each request's events."""
+        """One compiled decode chunk for the active slots (a power-of-two bucket of them), then
+        each request's events."""
         r = self._rows
-        active = r["active"].copy()
-        running = list(self._running)
-        window = SL.window_for(int(r["pos"][active].max()), self.chunk_size, self.C)
-        greedy_only = bool(r["greedy"][active].all())
-        logprobs = any(running[s].params.logprobs is not None for s in np.flatnonzero(active))
-        self._cache, out = SL.decode_chunk(self.params, self._cache, {k: v.copy() for k, v in r.items()},
-                                           cfg=self.cfg, steps=self.chunk_size, window=window,
-                                           greedy_only=greedy_only, logprobs=logprobs)
+        act = np.flatnonzero(r["active"])
+        bucket = SL.batch_bucket(len(act), self.slots)
+        idle = np.flatnonzero(~r["active"])[: bucket - len(act)]  # padding rows: inactive, write nothing
+        idx = np.concatenate([act, idle])
+        batch = {k: v[idx] for k, v in r.items()}
+        batch["slot"] = idx.astype(np.int32)
+        running = [self._running[s] for s in act]
+        window = SL.window_for(int(r["pos"][act].max()), self.chunk_size, self.C)
+        greedy_only = bool(r["greedy"][act].all())
+        logprobs = any(req.params.logprobs is not None for req in running)
+        self._cache, out = SL.decode_chunk(self.params, self._cache, batch, cfg=self.cfg,
+                                           steps=self.chunk_size, window=window, greedy_only=greedy_only,
+                                           logprobs=logprobs)
         out = jax.device_get(out)
         made = int(out["n"].sum())
         self._counts["tokens_total"] += made
-        self._recent.append((time.perf_counter(), made, float(active.mean())))
-        for s in np.flatnonzero(active):
-            n, req = int(out["n"][s]), running[s]
+        self._recent.append((time.perf_counter(), made, len(act) / self.slots))
+        for j, (s, req) in enumerate(zip(act, running, strict=True)):
+            n = int(out["n"][j])
             with self._cv:
                 r["pos"][s] += n
                 r["t"][s] += n
                 r["remaining"][s] -= n
                 if n:
-                    r["token"][s] = out["tokens"][s, n - 1]
+                    r["token"][s] = out["tokens"][j, n - 1]
                 r["active"][s] = r["active"][s] and r["remaining"][s] > 0
-            self._guard([req], self._deliver, req, [int(x) for x in out["tokens"][s, :n]], out, s)
+            self._guard([req], self._deliver, req, [int(x) for x in out["tokens"][j, :n]], out, j)
 
     # -- the host side of each token: stops, text, events ----------------------------------------
 
@@ -525,15 +395,7 @@ class Engine:
             if reason == "stop" and ids and ids[-1] in req.params.stop_token_ids:
                 ids = ids[:-1]  # a stop token is reported in token_ids, not in the text
             full = self.tokenizer.decode(ids)
-        end = len(full)
-        if reason is None:
-            while end > req.text_sent and full[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-                end -= 1
-            for s in req.params.stop:  # hold the longest tail that may begin a stop string
-                for k in range(min(len(s) - 1, end - req.text_sent), 0, -1):
-                    if full[:end].endswith(s[:k]):
-                        end = min(end, len(full[:end]) - k)
-                        break
+        end = releasable(full, req.text_sent, req.params.stop, final=reason is not None)
         piece = full[req.text_sent:end]
         req.text_sent = max(req.text_sent, end)
         return piece

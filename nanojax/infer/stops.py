@@ -7,7 +7,7 @@ boundaries; a token that straddles the stop string's start is dropped).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -54,3 +54,22 @@ class _TextWatch:
         while n > 0 and len(self.decode(toks[:n])) > limit:
             n -= 1
         return n, stopped
+
+
+def releasable(text: str, sent: int, stop_strings: Sequence[str], final: bool) -> int:
+    """How much of a stream's decoded text may go out now (an index into text; text[:sent] has
+    gone already). All of it at the end; before that, hold back a tail of U+FFFD (the decoder's
+    stand-in for an incomplete UTF-8 sequence, which the next token may complete) and the longest
+    tail that could be the start of a stop string (so sent text never has to be taken back)."""
+    end = len(text)
+    if final:
+        return end
+    while end > sent and text[end - 1] == "\ufffd":
+        end -= 1
+    hold = 0
+    for s in stop_strings:
+        for k in range(min(len(s) - 1, end - sent), hold, -1):
+            if text.endswith(s[:k], 0, end):
+                hold = k
+                break
+    return end - hold
