@@ -326,3 +326,15 @@ def test_sigint_drains_running_stream_then_exits_0(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stopped_engine_is_503():
+    from fastapi.testclient import TestClient
+
+    tok = CharTokenizer(CHARS)
+    cfg = nj.ModelConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, d_model=16, max_seq_len=32)
+    engine = Engine(np_params(cfg, 0), cfg, tok, slots=1)
+    engine.shutdown()
+    r = TestClient(create_app(engine, tok, MODEL, manage_engine=False)).post(
+        "/v1/completions", json={"model": MODEL, "prompt": "A", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
