@@ -39,6 +39,19 @@ flags.DEFINE_float("drain_timeout", 30.0, "Seconds Ctrl-C waits for running requ
 FLAGS = flags.FLAGS
 
 
+def _check_port(host: str, port: int) -> None:
+    """A port in use (or a host that is not this machine's) is one error line, not a uvicorn log."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind((host, port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host, "
+                         "or stop what uses it") from None
+
+
 def main(argv):
     del argv
     from nanojax.infer.scheduler import Engine
@@ -52,6 +65,7 @@ def main(argv):
             raise ValueError(f"--{name} must be >= 1, got {FLAGS[name].value}")
     if not 0 < FLAGS.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {FLAGS.port}")
+    _check_port(FLAGS.host, FLAGS.port)  # before the model loads, not after
     m = load_model(workdir=FLAGS.workdir, hf_dir=FLAGS.hf_dir)
     params = nj.quantize(m.params, m.cfg, FLAGS.quant) if FLAGS.quant else m.params
     template = m.chat_template

@@ -163,7 +163,7 @@ def _sse(obj: dict) -> str:
 
 
 class _Choices:
-    """Accumulates events per choice index: text, token ids, logprobs, finish reason, usage."""
+    """Accumulates events per choice index: text, logprobs, finish reason, usage counts."""
 
     def __init__(self, n: int):
         self.text = [""] * n
