@@ -153,7 +153,8 @@ def test_stop_string(served):
     full = served.client.completions.create(model=MODEL, prompt="Say", max_tokens=30, temperature=0)
     stop = full.choices[0].text[5:7]
     cut = full.choices[0].text.find(stop)
-    r = served.client.completions.create(model=MODEL, prompt="Say", max_tokens=30, temperature=0, stop=[stop])
+    r = served.client.completions.create(model=MODEL, prompt="Say", max_tokens=30, temperature=0, stop=[stop],
+                                         user="me", presence_penalty=0, extra_body={"unknown": 1})  # ignored
     assert r.choices[0].text == full.choices[0].text[:cut] and r.choices[0].finish_reason == "stop"
 
 
@@ -167,6 +168,7 @@ def test_stop_string(served):
     ({"model": MODEL}, 400, "prompt", "missing"),
     ({"model": MODEL, "prompt": "A~"}, 400, "prompt", "vocabulary"),
     ({"model": MODEL, "prompt": [1, 9999]}, 400, "prompt", "outside the vocabulary"),
+    ({"model": MODEL, "prompt": "A", "frequency_penalty": 0.5}, 400, "frequency_penalty", "not supported"),
 ])
 def test_bad_requests(served, body, status, param, words):
     r = httpx.post(served.url + "/v1/completions", json=body)

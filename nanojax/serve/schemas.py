@@ -42,6 +42,25 @@ class _Request(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # OpenAI fields this server does not implement: accepted at their neutral value, refused
+    # otherwise (silently ignoring a penalty or a bias would change what the client asked for).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v:
+            raise ValueError("is not supported by this server; send 0 or leave it out")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v:
+            raise ValueError("is not supported by this server; leave it out")
+        return v
 
     @field_validator("top_k")
     @classmethod
@@ -131,6 +150,14 @@ class ChatCompletionRequest(_Request):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     add_generation_prompt: bool = True  # vLLM's extension: template the assistant turn's start
+    tools: list[dict] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v: list[dict] | None) -> list[dict] | None:
+        if v:
+            raise ValueError("tool calling is not supported by this server; leave tools out")
+        return v
 
     def token_budget(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
