@@ -177,7 +177,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array],
     x = jnp.where(x >= jnp.take_along_axis(desc, k - 1, axis=-1), x, -jnp.inf)
     desc = jnp.where(rank < k, desc, -jnp.inf)  # the survivors of top-k, still sorted
     probs = jax.nn.softmax(desc, axis=-1)
-    above = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted candidate
+    above = jnp.cumsum(probs, -1) - probs  # mass strictly above each sorted candidate
     top_p = knobs["top_p"][:, None]
     keep = (above < top_p) | (top_p >= 1.0)  # top_p 1 keeps all, whatever the cumsum's rounding
     n_keep = jnp.maximum(jnp.sum(keep & (rank < k), axis=-1, keepdims=True), 1)

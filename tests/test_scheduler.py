@@ -195,7 +195,7 @@ def test_stop_strings_and_stop_tokens(engine, params):
     prompt = _prompts(5, [7])[0]
     full = _oracle(params, [prompt], [20])[0]
     text = TOK.decode(full)
-    stop = text[9:11]
+    stop = text[8:10]  # straddles the chunk edge after 9 tokens (1 from the prefill + 2 chunks of 4)
     k = text.find(stop)
     toks, events = _collect(engine.submit(prompt, greedy(20, stop=(stop, "never-there"))))
     assert "".join(ev.text for ev in events) == text[:k]
@@ -297,3 +297,16 @@ def test_releasable_text_holds_partial_utf8_and_stop_starts():
     assert releasable("hello wx", 2, ("world",), final=False) == 8
     assert releasable("ab<", 0, ("<|end|>", "b<x"), final=False) == 1  # the longest possible start wins
     assert releasable("ab", 2, ("b<",), final=False) == 2  # nothing unsent to hold
+
+
+@pytest.mark.slow
+def test_int8_kv_cache_matches_generate_int8(params):
+    """kv_cache_dtype="int8": the engine's quantized slot cache gives generate's int8 tokens."""
+    prompts = _prompts(10, [5, 12])
+    eng = Engine(params, CFG, None, slots=2, chunk_size=4, prefix_cache_tokens=0,
+                 kv_cache_dtype="int8").start()
+    try:
+        outs = [_collect(r)[0] for r in [eng.submit(p, greedy(10)) for p in prompts]]
+    finally:
+        eng.shutdown()
+    assert outs == nj.generate(params, CFG, prompts, max_new_tokens=10, kv_cache_dtype="int8")

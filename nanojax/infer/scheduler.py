@@ -202,30 +202,48 @@ class Engine:
 
     def _loop(self) -> None:
         self._reset_device()
-        while True:
-            with self._cv:
-                while not (self._queue or self._rows["active"].any() or self._stopping):
-                    self._cv.wait()
-                busy = bool(self._queue) or self._rows["active"].any()
-                stop_now = self._stopping and (not self._drain or not busy)
-                free = [s for s in range(self.slots) if self._running[s] is None]
-                admit = []
-                while free and self._queue and not stop_now:
-                    req = self._queue.popleft()
-                    admit.append((free.pop(0), req))
-            if stop_now:
-                for req in self._take_queue() + [r for r in self._running if r is not None]:
-                    self._finish(req, "cancelled")
-                return
-            self._drop_cancelled()
-            for slot, req in admit:
-                if req.cancelled:
-                    self._finish(req, "cancelled")
-                    continue
-                self._guard([req], self._admit, slot, req)
-            self._drop_cancelled()
-            if self._rows["active"].any():
-                self._guard([r for r in self._running if r is not None], self._chunk)
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        """One turn of the device thread: admit, drop cancelled, one decode chunk. False: stop.
+        An error that escapes the per-request guards ends every running request, never the thread."""
+        try:
+            return self._turn()
+        except Exception as e:  # noqa: BLE001 - reported to the requests it hit
+            self._counts["errors"] += 1
+            for req in list(self._running):
+                if req is not None:
+                    self._finish(req, "error", error=f"{type(e).__name__}: {e}")
+            self._reset_device()
+            return True
+
+    def _turn(self) -> bool:
+        with self._cv:
+            while not (self._queue or self._rows["active"].any() or self._stopping):
+                self._cv.wait()
+            gone = [r for r in self._queue if r.cancelled]  # cancelled while queued: out now
+            for r in gone:
+                self._queue.remove(r)
+            busy = bool(self._queue) or self._rows["active"].any()
+            stop_now = self._stopping and (not self._drain or not busy)
+            free = [s for s in range(self.slots) if self._running[s] is None]
+            admit = []
+            while free and self._queue and not stop_now:
+                admit.append((free.pop(0), self._queue.popleft()))
+        for req in gone:
+            self._finish(req, "cancelled")
+        if stop_now:
+            for req in self._take_queue() + [r for r in self._running if r is not None]:
+                self._finish(req, "cancelled")
+            return False
+        self._drop_cancelled()
+        for slot, req in admit:
+            self._guard([req], self._admit, slot, req)
+        self._drop_cancelled()
+        if self._rows["active"].any():
+            self._guard([r for r in self._running if r is not None], self._chunk)
+        return True
 
     def _guard(self, reqs: list[Request], fn: Any, *args: Any) -> None:
         """Runs fn; an exception ends `reqs` with finish_reason="error" and the engine goes on
