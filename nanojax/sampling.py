@@ -174,13 +174,13 @@ def sample_rows(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array],
     desc = -jnp.sort(-x, axis=-1)  # (R, V) high to low
     rank = jnp.arange(V)[None, :]
     k = jnp.clip(knobs["top_k"], 1, V)[:, None]  # (R, 1)
-    x = jnp.where(x >= jnp.take_along_axis(desc, k - 1, axis=-1), x, -jnp.inf)
     desc = jnp.where(rank < k, desc, -jnp.inf)  # the survivors of top-k, still sorted
     probs = jax.nn.softmax(desc, axis=-1)
     above = jnp.cumsum(probs, -1) - probs  # mass strictly above each sorted candidate
     top_p = knobs["top_p"][:, None]
-    keep = (above < top_p) | (top_p >= 1.0)  # top_p 1 keeps all, whatever the cumsum's rounding
-    n_keep = jnp.maximum(jnp.sum(keep & (rank < k), axis=-1, keepdims=True), 1)
+    keep = (rank < k) & ((above < top_p) | (top_p >= 1.0))  # top_p 1 keeps all, whatever the rounding
+    # top-k and top-p as one threshold: the smallest logit kept (the survivors are a prefix).
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1)
     x = jnp.where(x >= jnp.take_along_axis(desc, n_keep - 1, axis=-1), x, -jnp.inf)
     probs = jax.nn.softmax(x, axis=-1)
     x = jnp.where(probs >= knobs["min_p"][:, None] * jnp.max(probs, axis=-1, keepdims=True), x, -jnp.inf)

@@ -9,7 +9,8 @@
   write that copied the cache would show here as a ratio well above 1.
 - throughput: --requests mixed requests (prompt and output lengths drawn from a seeded rng)
   through the engine all at once, against the same requests one at a time (each submitted after
-  the previous one finished, through the same engine) and through nj.generate one at a time.
+  the previous one finished, through the same engine) and through nj.generate one at a time,
+  taking turns for --rounds rounds (medians).
 - ttft: time to first token of a request whose prompt shares a --prefix-token prefix with an
   earlier one, against a cold prompt of the same length (medians of --repeats).
 Every variant is compiled before anything is timed. `run_throughput` and `run_ttft` take an
@@ -42,6 +43,7 @@ flags.DEFINE_integer("chunk_size", 8, "decode steps per compiled call")
 flags.DEFINE_integer("requests", 32, "requests in the throughput run")
 flags.DEFINE_integer("prefix_tokens", 200, "shared prefix length for the ttft run")
 flags.DEFINE_integer("repeats", 5, "timed repeats (medians)")
+flags.DEFINE_integer("rounds", 2, "timed rounds of the throughput run (the modes take turns)")
 
 
 def _params(cfg: nj.ModelConfig, seed: int = 0) -> dict:
@@ -110,41 +112,42 @@ def mixed_requests(cfg: nj.ModelConfig, n: int, seed: int = 0) -> list[tuple[lis
     return out
 
 
-def run_throughput(engine: Engine, requests: list[tuple[list[int], int]]) -> dict:
-    """Tokens/s of the requests all at once vs one at a time through the same engine (greedy)."""
+def run_throughput(engine: Engine, requests: list[tuple[list[int], int]], rounds: int = 2,
+                   params: dict | None = None, cfg: nj.ModelConfig | None = None) -> dict:
+    """Tokens/s of the requests all at once vs one at a time through the same engine (greedy),
+    and (with params, cfg) vs nj.generate once per request: the modes take turns, `rounds`
+    times, so all see the same machine load; medians of the rounds' times."""
 
     def all_at_once():
-        t0 = time.perf_counter()
         reqs = [engine.submit(p, SamplingParams(max_tokens=m, temperature=0.0)) for p, m in requests]
-        toks = [[t for ev in r for t in ev.token_ids] for r in reqs]
-        return time.perf_counter() - t0, toks
+        return [[t for ev in r for t in ev.token_ids] for r in reqs]
 
     def one_at_a_time():
-        t0 = time.perf_counter()
-        toks = []
-        for p, m in requests:
-            toks.append([t for ev in engine.submit(p, SamplingParams(max_tokens=m, temperature=0.0))
-                         for t in ev.token_ids])
-        return time.perf_counter() - t0, toks
+        out = []
+        for p, m in requests:  # each submitted once the previous one is done
+            out.append([t for ev in engine.submit(p, SamplingParams(max_tokens=m, temperature=0.0))
+                        for t in ev.token_ids])
+        return out
 
-    all_at_once()  # compiles every variant these requests need
-    t_batch, toks_b = all_at_once()
-    t_seq, toks_s = one_at_a_time()
+    def generate_each():
+        return [nj.generate(params, cfg, [p], max_new_tokens=m)[0] for p, m in requests]
+
+    modes = {"batched": all_at_once, "sequential": one_at_a_time}
+    if params is not None:
+        modes["generate"] = generate_each
+    want = {name: fn() for name, fn in modes.items()}  # compiles every variant these requests need
+    assert want["batched"] == want["sequential"], "batched and one-at-a-time greedy tokens differ"
+    times: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(rounds):
+        for name, fn in modes.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
     total = sum(m for _, m in requests)
-    assert toks_b == toks_s, "batched and one-at-a-time greedy tokens differ"
-    return {"requests": len(requests), "tokens": total, "batched_tok_s": total / t_batch,
-            "sequential_tok_s": total / t_seq, "speedup": t_seq / t_batch}
-
-
-def run_generate_sequential(params: dict, cfg: nj.ModelConfig,
-                            requests: list[tuple[list[int], int]]) -> float:
-    """Tokens/s of nj.generate called once per request (after a compile pass)."""
-    for p, m in requests:
-        nj.generate(params, cfg, [p], max_new_tokens=m)
-    t0 = time.perf_counter()
-    for p, m in requests:
-        nj.generate(params, cfg, [p], max_new_tokens=m)
-    return sum(m for _, m in requests) / (time.perf_counter() - t0)
+    out = {"requests": len(requests), "tokens": total}
+    for name in modes:
+        out[f"{name}_tok_s"] = total / statistics.median(times[name])
+    return out
 
 
 def run_ttft(engine: Engine, cfg: nj.ModelConfig, prefix_tokens: int, repeats: int) -> dict:
@@ -188,13 +191,12 @@ def main(_):
                     max_queue=max(64, FLAGS.requests)).start()
     try:
         if "throughput" in FLAGS.parts:
-            reqs = mixed_requests(cfg, FLAGS.requests)
-            r = run_throughput(engine, reqs)
-            g = run_generate_sequential(params, cfg, reqs)
-            print(f"throughput {r['requests']} requests, {r['tokens']} tokens: batched "
-                  f"{r['batched_tok_s']:.0f} tok/s, one at a time {r['sequential_tok_s']:.0f} tok/s "
-                  f"(x{r['speedup']:.2f}); "
-                  f"nj.generate one at a time {g:.0f} tok/s (batched x{r['batched_tok_s'] / g:.2f})")
+            r = run_throughput(engine, mixed_requests(cfg, FLAGS.requests), FLAGS.rounds, params, cfg)
+            print(f"throughput {r['requests']} requests, {r['tokens']} tokens: all at once "
+                  f"{r['batched_tok_s']:.0f} tok/s; one at a time through the engine "
+                  f"{r['sequential_tok_s']:.0f} tok/s (x{r['batched_tok_s'] / r['sequential_tok_s']:.2f}); "
+                  f"nj.generate once per request {r['generate_tok_s']:.0f} tok/s "
+                  f"(x{r['batched_tok_s'] / r['generate_tok_s']:.2f})")
         if "ttft" in FLAGS.parts:
             r = run_ttft(engine, cfg, FLAGS.prefix_tokens, FLAGS.repeats)
             print(f"ttft  {FLAGS.prefix_tokens}-token shared prefix: cold {r['cold_ms']:.1f} ms, "

@@ -138,6 +138,11 @@ def test_queue_full_and_stopped_engine(params):
         eng.submit([1, 2, 3], greedy(2))
 
 
+def test_engine_refuses_params_of_another_model(params):
+    with pytest.raises(ValueError, match="params do not match cfg"):
+        Engine(params, CFG.replace(d_model=64, d_ff=128), TOK)
+
+
 @pytest.mark.parametrize("prompt, sp, match", [
     ([], greedy(2), "empty"),
     ([1] * 64, greedy(1), "exceeds the context"),
@@ -173,6 +178,15 @@ def test_prefix_reuse_gives_the_same_tokens_and_skips_the_prefill(engine, params
     assert mid["prefill_tokens"] - before["prefill_tokens"] == len(a)
     assert after["prefill_tokens"] - mid["prefill_tokens"] == len(b) - 32
     assert after["prefix_hits"] == mid["prefix_hits"] + 1
+    # The reused K/V must be the prefix's own: one more request on it, prefill only, whose
+    # logprobs (raw, greedy) must match a full forward of its prompt.
+    c = shared + [9, 9, 9]
+    _, ev_c = _collect(engine.submit(c, greedy(1, logprobs=5)))
+    assert ev_c[0].prefix_hit == 32
+    want = np.asarray(jax.nn.log_softmax(nj.forward(params, np.asarray([c], np.int32), CFG)[0, -1]))
+    top = ev_c[0].logprobs[0].top
+    assert [i for i, _ in top] == np.argsort(-want)[:5].tolist()
+    np.testing.assert_allclose([v for _, v in top], np.sort(want)[::-1][:5], atol=2e-4)
 
 
 def test_logprobs_equal_log_softmax_of_forward(engine, params):
@@ -243,6 +257,7 @@ def test_requests_coming_and_going_do_not_recompile(engine, params):
         return [_collect(r)[0] for r in reqs]
 
     run()  # compiles whatever these shapes need
+    run()  # ... and, now that their prompts are cached, the prefix copy
     before = engine.stats()
     outs = run()
     after = engine.stats()

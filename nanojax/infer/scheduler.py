@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from nanojax.config import ModelConfig
@@ -71,6 +72,10 @@ class Engine:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+        wte = params.get("wte") if isinstance(params, dict) else None
+        if wte is None or tuple(wte.shape) != (cfg.vocab_size, cfg.d_model):
+            raise ValueError(f"params do not match cfg: wte is {getattr(wte, 'shape', None)}, expected "
+                             f"({cfg.vocab_size}, {cfg.d_model}); load both from the same checkpoint")
         self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
         self.slots, self.max_queue, self.chunk_size = slots, max_queue, chunk_size
         self.kv_cache_dtype = kv_cache_dtype
@@ -85,6 +90,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._cache: Any = None
         self._pool: Any = None
+        self._inflight: dict[str, Any] | None = None  # the decode chunk dispatched, not yet read
+        self._dirty = False  # rows joined or left since it was dispatched
         self._next_id = 0
         # Host copies of the per-slot decode state (rows of decode_chunk's `rows`).
         S = slots
@@ -220,7 +227,7 @@ class Engine:
 
     def _turn(self) -> bool:
         with self._cv:
-            while not (self._queue or self._rows["active"].any() or self._stopping):
+            while not (self._queue or self._rows["active"].any() or self._stopping or self._inflight):
                 self._cv.wait()
             gone = [r for r in self._queue if r.cancelled]  # cancelled while queued: out now
             for r in gone:
@@ -234,6 +241,9 @@ class Engine:
         for req in gone:
             self._finish(req, "cancelled")
         if stop_now:
+            if self._inflight is not None:
+                chunk, self._inflight = self._inflight, None
+                self._guard(list(chunk["running"]), self._collect, chunk)
             for req in self._take_queue() + [r for r in self._running if r is not None]:
                 self._finish(req, "cancelled")
             return False
@@ -241,7 +251,7 @@ class Engine:
         for slot, req in admit:
             self._guard([req], self._admit, slot, req)
         self._drop_cancelled()
-        if self._rows["active"].any():
+        if self._rows["active"].any() or self._inflight is not None:
             self._guard([r for r in self._running if r is not None], self._chunk)
         return True
 
@@ -261,6 +271,7 @@ class Engine:
                 self._reset_device()
 
     def _reset_device(self) -> None:
+        self._inflight = None
         self._cache = SL.new_cache(self.cfg, self.slots, self.kv_cache_dtype)
         if self._store is not None:
             self._store = PrefixStore(self._store.capacity, SL.BLOCK)
@@ -278,6 +289,7 @@ class Engine:
                 if r is req:
                     self._running[s] = None
                     self._rows["active"][s] = False
+                    self._dirty = True
         if not req.finished:
             self._counts["requests_finished"] += 1
             req._push(Event(finish_reason=reason, error=error, prompt_tokens=req.prompt_tokens,
@@ -326,39 +338,72 @@ class Engine:
             for k in ROW_KNOBS:
                 r[k][slot] = knobs[k]
             r["active"][slot] = p.max_tokens > 1
+            self._dirty = True
         self._deliver(req, [int(out["token"][0])], out, 0)
 
     def _chunk(self) -> None:
-        """One compiled decode chunk for the active slots (a power-of-two bucket of them), then
-        each request's events."""
+        """Dispatches one compiled decode chunk for the active slots (a power-of-two bucket of
+        them), then turns the previous chunk's tokens into events while this one runs.
+
+        Pipelined, one chunk deep: when no row joined or left since the chunk in flight was
+        dispatched, the next one starts from that chunk's device-side row state without waiting
+        for it (the host would otherwise sit idle through every step of every chunk, and each
+        sync costs more than a step under load). A row that finishes in chunk k may run on in
+        chunk k + 1; its extra tokens are dropped, and a request admitted into its slot later is
+        prefilled after that chunk in device order, so what it wrote is overwritten first."""
         r = self._rows
+        prev = self._inflight
+        if prev is not None and self._dirty:  # rows changed: the host's state must be current
+            self._inflight, prev = None, self._collect(prev)
         act = np.flatnonzero(r["active"])
-        bucket = SL.batch_bucket(len(act), self.slots)
-        idle = np.flatnonzero(~r["active"])[: bucket - len(act)]  # padding rows: inactive, write nothing
-        idx = np.concatenate([act, idle])
-        batch = {k: v[idx] for k, v in r.items()}
-        batch["slot"] = idx.astype(np.int32)
+        if not len(act):
+            return
+        steps = self.chunk_size
+        if prev is not None:  # the same rows as the chunk in flight, which is `steps` further on
+            idx = prev["idx"]
+            batch = {k: jnp.asarray(r[k][idx]) for k in ("stops", "key", *ROW_KNOBS)}
+            batch.update(prev["out"]["state"], slot=jnp.asarray(idx.astype(np.int32)))
+            furthest = int(r["pos"][act].max()) + steps
+        else:
+            bucket = SL.batch_bucket(len(act), self.slots)
+            idle = np.flatnonzero(~r["active"])[: bucket - len(act)]  # padding: inactive rows
+            idx = np.concatenate([act, idle])
+            # As device arrays, like the pipelined path's state: a numpy argument would be a
+            # second entry in the jit's cache (the same executable, but stats() counts entries).
+            batch = {k: jnp.asarray(v[idx]) for k, v in r.items()}
+            batch["slot"] = jnp.asarray(idx.astype(np.int32))
+            furthest = int(r["pos"][act].max())
         running = [self._running[s] for s in act]
-        window = SL.window_for(int(r["pos"][act].max()), self.chunk_size, self.C)
-        greedy_only = bool(r["greedy"][act].all())
-        logprobs = any(req.params.logprobs is not None for req in running)
-        self._cache, out = SL.decode_chunk(self.params, self._cache, batch, cfg=self.cfg,
-                                           steps=self.chunk_size, window=window, greedy_only=greedy_only,
-                                           logprobs=logprobs)
-        out = jax.device_get(out)
-        made = int(out["n"].sum())
-        self._counts["tokens_total"] += made
-        self._recent.append((time.perf_counter(), made, len(act) / self.slots))
-        for j, (s, req) in enumerate(zip(act, running, strict=True)):
+        self._cache, out = SL.decode_chunk(
+            self.params, self._cache, batch, cfg=self.cfg, steps=steps,
+            window=SL.window_for(furthest, steps, self.C), greedy_only=bool(r["greedy"][act].all()),
+            logprobs=any(req.params.logprobs is not None for req in running))
+        self._inflight = {"out": out, "idx": idx, "act": act, "running": running}
+        self._dirty = False
+        if prev is not None:
+            self._collect(prev)
+
+    def _collect(self, chunk: dict[str, Any]) -> None:
+        """Waits for a dispatched chunk and sends its tokens to the requests still in their slots."""
+        out = jax.device_get({k: v for k, v in chunk["out"].items() if k != "state"})
+        r = self._rows
+        made = 0
+        for j, (s, req) in enumerate(zip(chunk["act"], chunk["running"], strict=True)):
             n = int(out["n"][j])
+            if self._running[s] is not req or req.finished:
+                continue  # it left (finished, cancelled) while this chunk ran: drop what it made
+            made += n
             with self._cv:
                 r["pos"][s] += n
                 r["t"][s] += n
                 r["remaining"][s] -= n
                 if n:
                     r["token"][s] = out["tokens"][j, n - 1]
-                r["active"][s] = r["active"][s] and r["remaining"][s] > 0
+                if r["active"][s] and r["remaining"][s] <= 0:
+                    r["active"][s], self._dirty = False, True
             self._guard([req], self._deliver, req, [int(x) for x in out["tokens"][j, :n]], out, j)
+        self._counts["tokens_total"] += made
+        self._recent.append((time.perf_counter(), made, len(chunk["act"]) / self.slots))
 
     # -- the host side of each token: stops, text, events ----------------------------------------
 

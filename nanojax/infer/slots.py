@@ -221,7 +221,9 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
     the next token drawn is t + 1), active bool, remaining int32 (tokens still allowed), stops
     int32 (S, N_STOP) (-1 = none), key uint32 (S, 2), and the `row_knobs`. Returns the cache and
     {"tokens": int32 (S, steps) (-1 where a row made none), "n": int32 (S,) tokens made, and with
-    logprobs "logprob" (S, steps), "top_ids" int32 (S, steps, N_TOP), "top_logprobs"}."""
+    logprobs "logprob" (S, steps), "top_ids" int32 (S, steps, N_TOP), "top_logprobs"}, and
+    "state": the rows' token, pos, t, active, remaining after the chunk (so the next chunk can
+    start from them on device, before the host has looked at this one)."""
     S = rows["token"].shape[0]  # batch rows (a bucket of the active slots), not the cache's slots
     K = cfg.kv_heads
     C = cache[0][0].shape[1]
@@ -272,8 +274,8 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
               "active": active & ~hit & (remaining > 0)}
         return i + 1, cache, st, out
 
-    _, cache, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, st, out))
-    return cache, out
+    _, cache, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, st, out))
+    return cache, dict(out, state=st)
 
 
 @functools.cache
