@@ -12,7 +12,6 @@
 max_seq_len // 2 tokens and decoding continues), so a 64-token model can write 300 characters.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nanojax as nj  # noqa: E402
 from nanojax import cli  # noqa: E402
 from nanojax.infer import generate_stream  # noqa: E402
+from nanojax.serve.load import load_model  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training workdir (or use --hf_dir).")
 flags.DEFINE_string("hf_dir", None, "A Hugging Face model dir (config.json, safetensors, tokenizer.json).")
@@ -62,29 +62,8 @@ def _load():
 def _load_base():
     if bool(FLAGS.workdir) == bool(FLAGS.hf_dir):
         raise app.UsageError("pass exactly one of --workdir or --hf_dir")
-    if FLAGS.workdir:
-        from nanojax.quant.io import is_quantized_dir
-
-        if is_quantized_dir(FLAGS.workdir):  # written by scripts/quantize.py
-            cfg, params, tok = nj.load_quantized(FLAGS.workdir)
-            if tok is None:
-                raise app.UsageError(f"{FLAGS.workdir} holds no tokenizer file")
-            return cfg, params, tok, [], []
-        cfg, params, tok = nj.load_checkpoint(FLAGS.workdir)
-        return cfg, params, tok, [], []
-    try:
-        from nanojax.interop import load_hf
-    except ImportError as e:
-        raise app.UsageError(f"--hf_dir needs nanojax.interop ({e})") from e
-    from nanojax.tokenizer import load_tokenizer
-
-    cfg, params = load_hf(FLAGS.hf_dir)
-    hf_cfg = json.loads((Path(FLAGS.hf_dir) / "config.json").read_text())
-    eos = hf_cfg.get("eos_token_id")
-    stops = [eos] if isinstance(eos, int) else list(eos or [])
-    bos = hf_cfg.get("bos_token_id")
-    prefix = [bos] if isinstance(bos, int) and hf_cfg.get("model_type") != "gpt2" else []  # Llama wants BOS
-    return cfg, params, load_tokenizer(FLAGS.hf_dir), stops, prefix
+    m = load_model(workdir=FLAGS.workdir, hf_dir=FLAGS.hf_dir)  # shared with scripts/serve.py
+    return m.cfg, m.params, m.tokenizer, list(m.stop_token_ids), list(m.prompt_prefix)
 
 
 def main(argv):
