@@ -56,6 +56,8 @@ class ModelConfig:
     # auto: cuDNN where it runs, else XLA; "pallas": nanojax's FlashAttention kernels (attention.py)
     attn_impl: Literal["auto", "xla", "cudnn", "pallas"] = "auto"
     init_std: float = 0.02  # normal init of weights; residual projections are scaled by 1/sqrt(2L)
+    # std of the learned position table's init: 0.01 in OpenAI's GPT-2 code, 0.02 in nanoGPT
+    pos_init_std: float = 0.01
 
     def __post_init__(self) -> None:
         if isinstance(self.remat, bool):  # config.json files written before remat took a policy name

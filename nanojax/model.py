@@ -98,7 +98,7 @@ def param_specs(cfg: ModelConfig) -> Params:
 
     specs: Params = {"wte": w((cfg.vocab_size, D), ("vocab", "embed"))}
     if cfg.pos_emb == "learned":
-        specs["wpe"] = w((cfg.max_seq_len, D), (None, "embed"), 0.01)
+        specs["wpe"] = w((cfg.max_seq_len, D), (None, "embed"), cfg.pos_init_std)
     specs["layers"] = [layer() for _ in range(cfg.n_layer)]
     specs["ln_f"] = norm()
     if not cfg.tie_embeddings:

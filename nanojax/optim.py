@@ -7,18 +7,19 @@ from typing import Any
 import jax
 import optax
 
-NO_DECAY_TOP = ("wte", "wpe")  # embeddings: decaying them hurts rare tokens (and nanoGPT's note)
+NO_DECAY_TOP = ("wte", "wpe")  # the embeddings: decayed only when asked (decay_mask's `embeddings`)
 
 
-def decay_mask(params: Any) -> Any:
-    """True for matrices that get weight decay: every >=2-D weight except the embeddings.
-    Norm scales and biases are never decayed, the q/k/v biases (heads, head_dim) included."""
+def decay_mask(params: Any, embeddings: bool = False) -> Any:
+    """True for matrices that get weight decay: every >=2-D weight, the embeddings (wte, wpe)
+    only when `embeddings` (nanoGPT decays them). Norm scales and biases are never decayed, the
+    q/k/v biases (heads, head_dim) included."""
 
     def keep(path, x) -> bool:
         top = getattr(path[0], "key", None)
         if str(getattr(path[-1], "key", "")).startswith("b"):  # bias, bq, bo, b_in, ...: a bias
             return False
-        return x.ndim >= 2 and top not in NO_DECAY_TOP
+        return x.ndim >= 2 and (embeddings or top not in NO_DECAY_TOP)
 
     return jax.tree_util.tree_map_with_path(keep, params)
 

@@ -47,6 +47,9 @@ def default_config(preset: str = "gpt2-small", **model_overrides: Any) -> ml_col
     c.min_lr = 1e-4
     c.warmup_steps = 100
     c.weight_decay = 0.1
+    # Decay the token and position embeddings too (nanoGPT does; OpenAI's GPT-2 code and many
+    # recipes exclude them). Biases and norm scales are never decayed.
+    c.decay_embeddings = False
     c.b1 = 0.9
     c.b2 = 0.99
     c.grad_clip = 1.0
@@ -147,6 +150,7 @@ _RANGES: tuple[tuple[str, bool, float, bool, float | None, str], ...] = (
     ("model.norm_eps", False, 0, False, None, "the norms' epsilon"),
     ("model.rope_theta", False, 0, False, None, "the RoPE base"),
     ("model.init_std", False, 0, True, None, "std of the normal init"),
+    ("model.pos_init_std", False, 0, True, None, "std of the learned position table's init"),
 )
 # train() reads these with a default
 _OPTIONAL = ("profile", "keep_checkpoints", "eval_full_at_end", "sharding_mode", "remat", "lora")

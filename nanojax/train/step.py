@@ -8,6 +8,7 @@ the mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ import optax
 from nanojax import sharding as shd
 from nanojax.config import ModelConfig
 from nanojax.model import Params, forward, init_params, param_shapes
-from nanojax.optim import lr_schedule, make_optimizer
+from nanojax.optim import decay_mask, lr_schedule, make_optimizer
 
 
 def token_losses(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
@@ -157,8 +158,9 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
     is the jitted (auto) path in both modes."""
     mesh = shd.make_mesh(**config.mesh.to_dict())
     schedule = lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)
+    mask = functools.partial(decay_mask, embeddings=bool(config.get("decay_embeddings", False)))
     optimizer = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-                               grad_clip=config.grad_clip)
+                               grad_clip=config.grad_clip, mask=mask)
     p_sh = shd.param_shardings(cfg, mesh)
     o_sh = shd.opt_state_shardings(optimizer, param_shapes(cfg), p_sh, mesh)
     repl = shd.replicated(mesh)
@@ -169,7 +171,7 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
         from nanojax.train import manual
 
         unclipped = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-                                   grad_clip=0)
+                                   grad_clip=0, mask=mask)
         step = manual.make_manual_train_step(cfg, unclipped, config.grad_clip, mesh, manual.specs_of(p_sh),
                                              manual.specs_of(o_sh), schedule)
         batch_sh = manual.manual_batch_sharding(mesh)
