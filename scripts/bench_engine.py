@@ -2,6 +2,7 @@
 
     python scripts/bench_engine.py                       # all three, Shakespeare-char shape
     python scripts/bench_engine.py --parts=step --preset=llama-tiny
+    python scripts/bench_engine.py --parts=step --preset=gpt2-small --vocab_size=65 --max_seq_len=256
 
 - step: ms per decode step of `slots.decode_chunk` (S slots, each at its own position, per-row
   scatter writes into a [S*K, C, H] cache) against engine.py's decode loop (one batch, one shared
@@ -38,6 +39,9 @@ from nanojax.metrics import cpu_description  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("parts", ["step", "throughput", "ttft"], "which benchmarks")
 flags.DEFINE_string("preset", "shakespeare-char", "ModelConfig preset (dropout is set to 0)")
+flags.DEFINE_integer("vocab_size", None, "Override the preset's vocabulary (e.g. 65: Tiny Shakespeare's "
+                     "characters, as scripts/bench_serve.py serves)")
+flags.DEFINE_integer("max_seq_len", None, "Override the preset's context length (tokens)")
 flags.DEFINE_integer("slots", 8, "decode slots")
 flags.DEFINE_integer("chunk_size", 8, "decode steps per compiled call")
 flags.DEFINE_integer("requests", 32, "requests in the throughput run")
@@ -178,7 +182,8 @@ def run_ttft(engine: Engine, cfg: nj.ModelConfig, prefix_tokens: int, repeats: i
 
 
 def main(_):
-    cfg = nj.ModelConfig.preset(FLAGS.preset, dropout=0.0)
+    overrides = {k: v for k in ("vocab_size", "max_seq_len") if (v := getattr(FLAGS, k)) is not None}
+    cfg = nj.ModelConfig.preset(FLAGS.preset, dropout=0.0, **overrides)
     params = _params(cfg)
     print(f"# {FLAGS.preset}: {cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, "
           f"context {cfg.max_seq_len}; jax {jax.__version__}; {cpu_description()}")

@@ -340,3 +340,25 @@ def test_stopped_engine_is_503():
     r = TestClient(create_app(engine, tok, MODEL, manage_engine=False)).post(
         "/v1/completions", json={"model": MODEL, "prompt": "A", "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
+
+
+def test_bench_serve_preset_end_to_end(tmp_path):
+    """scripts/bench_serve.py --preset serves a random-init model of that preset's shape (here
+    llama-tiny: RoPE, GQA, SwiGLU; 2 layers) with the char vocabulary, and its own oracle holds:
+    every concurrent greedy completion is complete and equals the same request served alone."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    text = tmp_path / "t.txt"
+    text.write_text("ROMEO: But soft, what light through yonder window breaks? " * 40)
+    cmd = [sys.executable, str(root / "scripts/bench_serve.py"), "--preset=llama-tiny", "--max_seq_len=64",
+           "--slots=2", "--clients=3", "--min_prompt=4", "--max_prompt=12", "--min_new=4", "--max_new=10",
+           "--prefix_len=32", "--prefix_trials=1", f"--text={text}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "model: llama-tiny, 2 layers, d_model 64, vocab 65, context 64" in out, out[-3000:]
+    assert "correct and complete: 3/3" in out and "MISMATCH" not in out, out[-3000:]
+    assert "throughput ratio" in out and "median cold" in out, out[-3000:]

@@ -157,13 +157,26 @@ def _view_dtype(c: Any) -> Any:
 def _window_rows(c: Any, slot: jax.Array, K: int, window: int) -> Any:
     """Slots slot[0], slot[1], ...'s first `window` positions of cache c, contiguous: (S*K, window,
     H), for the batched dots. One dynamic slice per row (K runs of window*H contiguous values),
-    concatenated; the same step time as a gather of those rows, measured (a trace showed the
-    gather at ~20% of a batch-8 step, so this copy is where slots lose to engine.py's decode)."""
+    concatenated; the same step time as a gather of those rows, measured. Taken once per decode
+    chunk, not per step (a trace showed this copy at ~20% of a batch-8 step when it was per step)."""
     def one(a):
         return jnp.concatenate([jax.lax.dynamic_slice_in_dim(a, slot[b] * K, K, 0)[:, :window]
                                 for b in range(slot.shape[0])])
 
     return jax.tree.map(one, c)
+
+
+def _put_window_rows(c: Any, w: Any, slot: jax.Array, K: int) -> Any:
+    """The inverse of `_window_rows`: writes w (S*K, window, H) back over slots slot[0], slot[1],
+    ...'s first `window` positions of cache c (donated: in place). The slots must be distinct (the
+    scheduler's active rows and idle padding rows are), or a later row's copy would win."""
+    def one(a, b):
+        for r in range(slot.shape[0]):
+            start = (slot[r] * K,) + (0,) * (a.ndim - 1)
+            a = jax.lax.dynamic_update_slice(a, b[r * K:(r + 1) * K], start)
+        return a
+
+    return jax.tree.map(one, c, w)
 
 
 def _row_keys(key_data: jax.Array, t: jax.Array) -> jax.Array:
@@ -226,9 +239,7 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
     start from them on device, before the host has looked at this one)."""
     S = rows["token"].shape[0]  # batch rows (a bucket of the active slots), not the cache's slots
     K = cfg.kv_heads
-    C = cache[0][0].shape[1]
     knobs = {k: rows[k] for k in ("temperature", "top_k", "top_p", "min_p", "greedy")}
-    kv_rows = (rows["slot"][:, None] * K + jnp.arange(K, dtype=jnp.int32)).reshape(S * K)  # cache rows
     zeros = jnp.zeros((S,), jnp.int32)
     out = {"tokens": jnp.full((S, steps), -1, jnp.int32), "n": zeros}
     if logprobs:
@@ -241,21 +252,28 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
         i, _, st, _ = carry
         return (i < steps) & jnp.any(st["active"])
 
-    def body(carry):
-        i, cache, st, out = carry
-        active, pos = st["active"], st["pos"]
-        # Inactive rows write at C: out of range, dropped, so a free slot's cache is left alone.
-        cols = jnp.repeat(jnp.where(active, pos, C), K)[:, None]  # (S*K, 1)
+    # The rows' windows are copied out of the slot cache once per chunk, decoded in (each step
+    # writes its K/V into them and attends over them), and written back after the chunk: a copy
+    # per step cost batch 8 ~1.2x against engine.py's decode. window_for() makes the window hold
+    # every position the chunk reaches (furthest + steps).
+    windows = [(_window_rows(kc, rows["slot"], K, window), _window_rows(vc, rows["slot"], K, window))
+               for kc, vc in cache]
+    w_rows = jnp.arange(S * K, dtype=jnp.int32)
 
-        def attend(q, k, v, layer_cache):
-            kc, vc = layer_cache
-            kc, vc = _put(kc, kv_rows, cols, _heads_first(k)), _put(vc, kv_rows, cols, _heads_first(v))
-            kw, vw = _window_rows(kc, rows["slot"], K, window), _window_rows(vc, rows["slot"], K, window)
-            return _decode_attention(q, kw, vw, pos[:, None], zeros), (kc, vc)
+    def body(carry):
+        i, windows, st, out = carry
+        active, pos = st["active"], st["pos"]
+        # Inactive rows write at `window`: out of range, dropped, so a free slot is left alone.
+        cols = jnp.repeat(jnp.where(active, pos, window), K)[:, None]  # (S*K, 1)
+
+        def attend(q, k, v, layer_window):
+            kw, vw = layer_window
+            kw, vw = _put(kw, w_rows, cols, _heads_first(k)), _put(vw, w_rows, cols, _heads_first(v))
+            return _decode_attention(q, kw, vw, pos[:, None], zeros), (kw, vw)
 
         positions = jnp.minimum(pos, cfg.max_seq_len - 1)[:, None]  # (S, 1)
-        x, cache = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,
-                                 layer_states=cache)
+        x, windows = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,
+                                   layer_states=windows)
         logits = unembed(params, x, cfg)  # (S, V)
         t_new = st["t"] + 1
         nxt = sample_rows(logits, _row_keys(rows["key"], t_new), knobs, greedy_only)
@@ -272,9 +290,11 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
         st = {"token": jnp.where(active, nxt, st["token"]), "pos": pos + active,
               "t": jnp.where(active, t_new, st["t"]), "remaining": remaining,
               "active": active & ~hit & (remaining > 0)}
-        return i + 1, cache, st, out
+        return i + 1, windows, st, out
 
-    _, cache, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), cache, st, out))
+    _, windows, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), windows, st, out))
+    cache = [(_put_window_rows(kc, kw, rows["slot"], K), _put_window_rows(vc, vw, rows["slot"], K))
+             for (kc, vc), (kw, vw) in zip(cache, windows, strict=True)]
     return cache, dict(out, state=st)
 
 
