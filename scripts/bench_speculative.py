@@ -49,8 +49,7 @@ flags.DEFINE_boolean("profile", True, "Also time the pieces of one iteration.")
 flags.DEFINE_string("json_out", None, "Also write the results here as JSON.")
 FLAGS = flags.FLAGS
 
-_PASSAGE = ("First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
-            "All:\nResolved. resolved.\n\n")
+_PASSAGE = "First Citizen:\nLet us kill him.\n\nAll:\nWe know't, we know't.\n\n"
 
 
 def _side_by_side(plain_fn, spec_fn, repeats):
@@ -141,7 +140,7 @@ def main(argv):
     if draft:
         for k in ks:
             bench("draft model", FLAGS.prompt, draft=draft, num_speculative_tokens=k)
-    lookup = FLAGS.lookup_prompt or (_PASSAGE * 2 + _PASSAGE[:30])
+    lookup = FLAGS.lookup_prompt or (_PASSAGE * 2 + _PASSAGE[:20])
     for k in ks:
         bench("prompt lookup", lookup, draft="prompt_lookup", num_speculative_tokens=k,
               prompt_lookup_ngram=FLAGS.lookup_ngram)
