@@ -36,13 +36,13 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Ar
     return jnp.where(seen, penalised, logits)
 
 
-def sample(logits: jax.Array, key: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Array],
-           seen: jax.Array | None) -> jax.Array:
-    """One token per row. Order as in HF: repetition penalty, temperature, top-k, top-p, min-p."""
+def _transform(logits: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Array],
+               seen: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """The non-greedy sampler's logits after every transform, in HF's order (repetition penalty,
+    temperature, top-k, top-p, min-p): (candidate logits (B, C), their token ids (B, C) or None
+    when C = V in vocabulary order). Dropped candidates are -inf."""
     if spec.rep:
         logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
-    if spec.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / knobs["temperature"]
     idx = None  # candidates: all V tokens, or the best ones sorted high to low with their ids
     if spec.top_k is not None and spec.top_k < logits.shape[-1]:
@@ -61,10 +61,35 @@ def sample(logits: jax.Array, key: jax.Array, spec: SamplerSpec, knobs: dict[str
         probs = jax.nn.softmax(logits, axis=-1)
         keep = probs >= knobs["min_p"] * jnp.max(probs, axis=-1, keepdims=True)
         logits = jnp.where(keep, logits, -jnp.inf)
+    return logits, idx
+
+
+def sample(logits: jax.Array, key: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Array],
+           seen: jax.Array | None) -> jax.Array:
+    """One token per row. Order as in HF: repetition penalty, temperature, top-k, top-p, min-p."""
+    if spec.greedy:
+        if spec.rep:
+            logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits, idx = _transform(logits, spec, knobs, seen)
     choice = jax.random.categorical(key, logits, axis=-1)  # (B,) Gumbel-max
     if idx is not None:
         choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
     return choice.astype(jnp.int32)
+
+
+def sampler_probs(logits: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Array]) -> jax.Array:
+    """The distribution `sample` draws from, over the whole vocabulary: float32 (B, V) rows that
+    sum to 1 (one-hot at the argmax when greedy). Speculative decoding's rejection test compares
+    these for the target and the draft (nanojax/infer/speculative.py). No repetition penalty."""
+    if spec.greedy:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+    cand, idx = _transform(logits, spec, knobs, None)
+    probs = jax.nn.softmax(cand, axis=-1)  # (B, C)
+    if idx is None:
+        return probs
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros(logits.shape, jnp.float32).at[rows, idx].set(probs)
 
 
 def make_spec(temperature: float, top_k: int | None, top_p: float | None, min_p: float | None,

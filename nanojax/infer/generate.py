@@ -22,6 +22,7 @@ import numpy as np
 
 from nanojax.config import ModelConfig
 from nanojax.infer.engine import KV_CACHE_DTYPES, _start
+from nanojax.infer.speculative import DraftSpec, start_speculative
 from nanojax.infer.stops import _cut_at_stop_token, _stop_ids, _TextWatch
 from nanojax.model import Params
 from nanojax.sampling import check_sampling, make_spec
@@ -125,6 +126,61 @@ def _check_lora(lora: Any, cfg: ModelConfig, n_prompts: int) -> Any:
                     f"{type(lora).__name__}")
 
 
+def _check_draft(draft: Any, cfg: ModelConfig, prompts: list[list[int]], max_new: int, k: Any, ngram: Any,
+                 repetition_penalty: float | None, overflow: str, kv_cache_dtype: str | None,
+                 lora: Any) -> tuple[Params | None, DraftSpec] | None:
+    """None, or (draft params, DraftSpec) for speculative decoding (infer/speculative.py)."""
+    if draft is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"num_speculative_tokens must be an int >= 1 (tokens the draft proposes per "
+                         f"target call; 3-8 is typical), got {k!r}")
+    what = "speculative decoding (draft=...)"
+    if overflow != "error":
+        raise ValueError(f"{what} supports overflow='error' only, got overflow={overflow!r}; keep "
+                         "prompt + max_new_tokens within max_seq_len or decode without a draft")
+    if kv_cache_dtype is not None:
+        raise ValueError(f"{what} keeps the KV cache in the compute dtype; got kv_cache_dtype="
+                         f"{kv_cache_dtype!r}: drop it or decode without a draft")
+    if lora is not None:
+        raise ValueError(f"{what} does not take a LoRA adapter; merge it first (nj.merge_lora) or "
+                         "decode without a draft")
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        raise ValueError(f"{what} does not support repetition_penalty (got {repetition_penalty!r}): "
+                         "the penalty of each verified position would depend on the draft tokens before it")
+    if cfg.attn_impl == "pallas":
+        raise ValueError(f"{what} verifies k+1 tokens per step with XLA attention; the target has "
+                         "attn_impl='pallas': use attn_impl='auto' for it")
+    if isinstance(draft, str):
+        if draft != "prompt_lookup":
+            raise ValueError(f"draft must be (draft_params, draft_cfg), 'prompt_lookup' or None, "
+                             f"got {draft!r}")
+        if isinstance(ngram, bool) or not isinstance(ngram, int | np.integer) or ngram < 1:
+            raise ValueError(f"prompt_lookup_ngram must be an int >= 1 (the longest n-gram matched), "
+                             f"got {ngram!r}")
+        return None, DraftSpec(None, int(k), int(ngram))
+    if not (isinstance(draft, tuple | list) and len(draft) == 2 and isinstance(draft[1], ModelConfig)):
+        raise ValueError("draft must be a (draft_params, draft_cfg) pair with a nanojax ModelConfig, "
+                         f"'prompt_lookup' or None; got {type(draft).__name__}")
+    dparams, dcfg = draft
+    if dcfg.vocab_size != cfg.vocab_size:
+        raise ValueError(f"the draft model's vocab_size ({dcfg.vocab_size}) differs from the target's "
+                         f"({cfg.vocab_size}); the draft must share the target's tokenizer and vocabulary")
+    if dcfg.attn_impl == "pallas":
+        raise ValueError("the draft model has attn_impl='pallas'; speculative decoding needs "
+                         "attn_impl='auto'")
+    wte = dparams.get("wte") if isinstance(dparams, dict) else None
+    if wte is None or tuple(wte.shape) != (dcfg.vocab_size, dcfg.d_model):
+        raise ValueError(f"draft params do not match draft_cfg: wte is {getattr(wte, 'shape', None)}, "
+                         f"expected ({dcfg.vocab_size}, {dcfg.d_model})")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new > dcfg.max_seq_len:
+        raise ValueError(f"the longest prompt ({longest} tokens) + max_new_tokens ({max_new}) exceeds the "
+                         f"draft model's context max_seq_len={dcfg.max_seq_len}; lower max_new_tokens to "
+                         f"{max(0, dcfg.max_seq_len - longest)} or use a draft with a longer context")
+    return dparams, DraftSpec(dcfg, int(k))
+
+
 # ----------------------------------------------------------------------------------------------
 # The public calls: streaming, sliding past the context, and generate on top of the stream.
 
@@ -148,6 +204,10 @@ def generate_stream(
     overflow: str = "error",
     kv_cache_dtype: str | None = None,
     lora: Any = None,
+    draft: Any = None,
+    num_speculative_tokens: int = 4,
+    prompt_lookup_ngram: int = 3,
+    stats: dict | None = None,
 ) -> Iterator[list[list[int]]]:
     """Like `generate`, but yields the new tokens as they come: one list per prompt per chunk.
 
@@ -162,14 +222,16 @@ def generate_stream(
       going past the context like nanoGPT's crop: when the longest row's context is full, every
       unfinished row is re-prefilled with its last max_seq_len // 2 tokens and decoding goes on
       (positions restart at 0; the model sees only that window). Each slide costs one prefill.
-    lora: as in `generate`.
+    lora, draft, num_speculative_tokens, prompt_lookup_ngram, stats: as in `generate`.
     """
     prompts, stops, lora = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                                      repetition_penalty, stop_tokens, overflow, chunk_size, stop_strings,
                                      detokenize, kv_cache_dtype, lora)
+    spec_draft = _check_draft(draft, cfg, prompts, int(max_new_tokens), num_speculative_tokens,
+                              prompt_lookup_ngram, repetition_penalty, overflow, kv_cache_dtype, lora)
     yield from _stream(params, cfg, prompts, int(max_new_tokens), temperature, top_k, top_p, min_p,
                        repetition_penalty, stops, seed, int(chunk_size), stop_strings, detokenize,
-                       kv_cache_dtype=kv_cache_dtype, lora=lora)
+                       kv_cache_dtype=kv_cache_dtype, lora=lora, draft=spec_draft, stats=stats)
 
 
 def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new: int, temperature: float,
@@ -177,10 +239,13 @@ def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new:
             repetition_penalty: float | None, stops: list[int], seed: int, chunk_size: int,
             stop_strings: Sequence[str] | None, detokenize: Callable[[list[int]], str] | None,
             logits_log: list | None = None, kv_cache_dtype: str | None = None,
-            lora: Any = None) -> Iterator[list[list[int]]]:
+            lora: Any = None, draft: tuple[Params | None, DraftSpec] | None = None,
+            stats: dict | None = None) -> Iterator[list[list[int]]]:
     """The validated core of generate_stream: rounds (one per slide) of prefill + decode chunks.
 
     logits_log: when a list, each round appends (rows, float32 logits (B_round, t, V)).
+    draft: (draft params or None, DraftSpec) for speculative decoding (one round: overflow='error').
+    stats: when a dict, speculative decoding's counters are added to it (see `generate`).
     """
     spec, knobs = make_spec(temperature, top_k, top_p, min_p, repetition_penalty)
     knobs = {k: jnp.asarray(v) for k, v in knobs.items()}  # on device once, not per call
@@ -199,8 +264,12 @@ def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new:
             ctx = [c[-(T // 2):] for c in ctx]  # slide, every row to its last T // 2 tokens
         budget = min(remaining, T - max(len(c) for c in ctx))
         round_lora = lora.rows(rows) if hasattr(lora, "rows") else lora  # a StackedLora: these rows' ids
-        rnd = _start(params, cfg, ctx, budget, spec, knobs, stop_arr, seed, round_idx,
-                     debug=logits_log is not None, kv_cache_dtype=kv_cache_dtype, lora=round_lora)
+        if draft is not None:
+            rnd = start_speculative(params, cfg, draft[0], draft[1], ctx, budget, spec, knobs, stop_arr, seed,
+                                    debug=logits_log is not None)
+        else:
+            rnd = _start(params, cfg, ctx, budget, spec, knobs, stop_arr, seed, round_idx,
+                         debug=logits_log is not None, kv_cache_dtype=kv_cache_dtype, lora=round_lora)
         base = [len(generated[b]) for b in rows]
         target = 0
         while True:
@@ -234,6 +303,10 @@ def _stream(params: Params, cfg: ModelConfig, prompts: list[list[int]], max_new:
                 rnd.mark_done(newly_done)
         if logits_log is not None:
             logits_log.append((rows, np.asarray(rnd.state["logits"])[:, :t]))
+        if stats is not None and draft is not None:
+            for name, v in rnd.stats().items():
+                stats[name] = stats.get(name, 0) + v
+            stats["acceptance_rate"] = stats["accepted"] / max(1, stats["proposed"])
         for b in rows:
             if len(generated[b]) >= max_new:
                 finished[b] = True
@@ -262,6 +335,10 @@ def generate(
     return_logits: bool = False,
     kv_cache_dtype: str | None = None,
     lora: Any = None,
+    draft: Any = None,
+    num_speculative_tokens: int = 4,
+    prompt_lookup_ngram: int = 3,
+    stats: dict | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], list[np.ndarray]]:
     """New tokens for each prompt: a ragged batch in, a ragged list of new token ids out.
 
@@ -288,6 +365,17 @@ def generate(
       lora: a LoRA adapter (nanojax.lora) for every row, or a list with one adapter or None per
         prompt: the rows' adapters are stacked (ranks zero-padded to the largest) and each row's
         low-rank update gathered inside the one compiled prefill and decode.
+      draft: speculative decoding (infer/speculative.py). (draft_params, draft_cfg): a smaller
+        model with the target's vocabulary proposes `num_speculative_tokens` (k) tokens per
+        iteration and the target verifies them in one forward; "prompt_lookup": the proposal is
+        what followed the most recent earlier occurrence of the row's last n-gram
+        (n <= prompt_lookup_ngram) in its prompt and output. Greedy output equals plain greedy
+        decoding; sampled output follows the same distribution (rejection sampling), though not
+        the same tokens for a seed. Needs overflow="error"; no lora, kv_cache_dtype or
+        repetition_penalty.
+      stats: a dict that speculative decoding adds its counters to: "proposed" and "accepted"
+        draft tokens (over live rows), "calls" (target verify forwards, prefill excluded) and
+        "acceptance_rate" = accepted / proposed.
 
     Returns:
       list of B lists of new token ids (and the logits list when return_logits).
@@ -295,13 +383,15 @@ def generate(
     prompts, stops, lora = _validate(params, cfg, prompts, max_new_tokens, temperature, top_k, top_p, min_p,
                                      repetition_penalty, stop_tokens, overflow, 1, stop_strings, detokenize,
                                      kv_cache_dtype, lora)
+    spec_draft = _check_draft(draft, cfg, prompts, int(max_new_tokens), num_speculative_tokens,
+                              prompt_lookup_ngram, repetition_penalty, overflow, kv_cache_dtype, lora)
     out: list[list[int]] = [[] for _ in prompts]
     logits_log: list | None = [] if return_logits else None
     # Without stop strings one chunk covers the whole budget: the host syncs once, at the end.
     chunk = 16 if stop_strings else max(1, int(max_new_tokens))
     for part in _stream(params, cfg, prompts, int(max_new_tokens), temperature, top_k, top_p, min_p,
                         repetition_penalty, stops, seed, chunk, stop_strings, detokenize, logits_log,
-                        kv_cache_dtype=kv_cache_dtype, lora=lora):
+                        kv_cache_dtype=kv_cache_dtype, lora=lora, draft=spec_draft, stats=stats):
         for b, toks in enumerate(part):
             out[b].extend(toks)
     if logits_log is None:
