@@ -342,6 +342,7 @@ def test_stopped_engine_is_503():
     assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped"
 
 
+@pytest.mark.slow  # a subprocess that imports, compiles and runs the whole bench (~13 s)
 def test_bench_serve_preset_end_to_end(tmp_path):
     """scripts/bench_serve.py --preset serves a random-init model of that preset's shape (here
     llama-tiny: RoPE, GQA, SwiGLU; 2 layers) with the char vocabulary, and its own oracle holds:
