@@ -153,9 +153,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _error_event(ev: Event) -> None:
-    if ev.finish_reason == "error":
-        raise APIError(500, f"the engine failed on this request: {ev.error}", None, "engine_error")
 
 
 def _sse(obj: dict) -> str:
@@ -183,6 +180,22 @@ class _Choices:
         """OpenAI counts a prompt once however many choices it has (n); here `per_prompt` = n."""
         prompt = sum(self.prompt_tokens[::per_prompt])
         return _usage(prompt, sum(self.completion_tokens))
+
+
+async def _collect(reqs: list[Any]) -> _Choices:
+    """Every event of a non-streaming call's requests, gathered per choice; an engine error is a 500."""
+    acc = _Choices(len(reqs))
+    async for i, ev in _merged(reqs):
+        if ev.finish_reason == "error":
+            raise APIError(500, f"the engine failed on this request: {ev.error}", None, "engine_error")
+        acc.add(i, ev)
+    return acc
+
+
+def _sse_engine_error(ev: Event) -> str:
+    """The SSE chunk that ends a stream whose request the engine failed."""
+    return _sse({"error": {"message": f"the engine failed: {ev.error}", "type": "server_error",
+                           "param": None, "code": "engine_error"}})
 
 
 def _completion_logprobs(srv: _Server, lps: Sequence[Any], offset: int) -> dict[str, Any]:
@@ -232,8 +245,7 @@ async def _completions(srv: _Server, body: CompletionRequest) -> Any:
             acc = _Choices(len(reqs))
             async for i, ev in _merged(reqs):
                 if ev.finish_reason == "error":
-                    yield _sse({"error": {"message": f"the engine failed: {ev.error}", "type": "server_error",
-                                          "param": None, "code": "engine_error"}})
+                    yield _sse_engine_error(ev)
                     return
                 lp = None
                 if body.logprobs is not None and ev.logprobs:
@@ -250,10 +262,7 @@ async def _completions(srv: _Server, body: CompletionRequest) -> Any:
 
         return _streaming(events(), reqs)
 
-    acc = _Choices(len(reqs))
-    async for i, ev in _merged(reqs):
-        _error_event(ev)
-        acc.add(i, ev)
+    acc = await _collect(reqs)
     choices = [{"index": k, "text": acc.text[k], "finish_reason": acc.finish[k],
                 "logprobs": (_completion_logprobs(srv, acc.logprobs[k], len(texts[k // n]))
                              if body.logprobs is not None else None)} for k in range(len(reqs))]
@@ -292,8 +301,7 @@ async def _chat(srv: _Server, body: ChatCompletionRequest) -> Any:
             acc = _Choices(len(reqs))
             async for i, ev in _merged(reqs):
                 if ev.finish_reason == "error":
-                    yield _sse({"error": {"message": f"the engine failed: {ev.error}", "type": "server_error",
-                                          "param": None, "code": "engine_error"}})
+                    yield _sse_engine_error(ev)
                     return
                 acc.add(i, ev)
                 lp = _chat_logprobs(srv, ev.logprobs) if body.logprobs and ev.logprobs else None
@@ -305,10 +313,7 @@ async def _chat(srv: _Server, body: ChatCompletionRequest) -> Any:
 
         return _streaming(events(), reqs)
 
-    acc = _Choices(len(reqs))
-    async for i, ev in _merged(reqs):
-        _error_event(ev)
-        acc.add(i, ev)
+    acc = await _collect(reqs)
     choices = [{"index": k, "message": {"role": "assistant", "content": acc.text[k]},
                 "logprobs": _chat_logprobs(srv, acc.logprobs[k]) if body.logprobs else None,
                 "finish_reason": acc.finish[k]} for k in range(len(reqs))]
