@@ -30,10 +30,10 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from _bench_speculative import step_runner  # noqa: E402
 
 import nanojax as nj  # noqa: E402
-from nanojax.infer import engine, speculative  # noqa: E402
+from nanojax.infer import engine  # noqa: E402
 from nanojax.metrics import cpu_description  # noqa: E402
 
 flags.DEFINE_string("target_workdir", None, "The target model's training workdir.", required=True)
@@ -65,25 +65,13 @@ def _side_by_side(plain_fn, spec_fn, repeats):
 
 
 def _step_ms(params, cfg, T, window, B, calls=64):
-    """ms per `speculative._step` of T tokens at batch B over a `window`-slot cache, from one jitted
-    fori_loop of `calls` steps (the loop's own overhead included, as in the decode loop)."""
-    K, H = cfg.kv_heads, cfg.resolved_head_dim
-    cache = [(jnp.zeros((B * K, window, H), cfg.compute_dtype),) * 2 for _ in range(cfg.n_layer)]
-    pad = jnp.zeros((B,), jnp.int32)
-
-    @jax.jit
-    def run(params, cache):
-        def body(i, carry):
-            cache, tok = carry
-            logits, cache = speculative._step(params, cfg, cache, tok, window // 2 + (i % 8), pad)
-            return cache, jnp.argmax(logits, -1).astype(jnp.int32)
-        return jax.lax.fori_loop(0, calls, body, (cache, jnp.zeros((B, T), jnp.int32)))
-
-    jax.block_until_ready(run(params, cache))
+    """ms per `speculative._step` of T tokens at batch B over a `window`-slot cache (best of 3
+    calls of `calls` steps)."""
+    run, args = step_runner(params, cfg, T, window, calls, batch=B)
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        jax.block_until_ready(run(params, cache))
+        jax.block_until_ready(run(*args))
         best = min(best, time.perf_counter() - t0)
     return 1e3 * best / calls
 

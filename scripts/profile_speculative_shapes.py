@@ -23,10 +23,9 @@ from absl import app, flags
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+from _bench_speculative import step_runner  # noqa: E402
 
 import nanojax as nj  # noqa: E402
-from nanojax.infer import speculative  # noqa: E402
 from nanojax.metrics import cpu_description  # noqa: E402
 
 flags.DEFINE_string("draft_workdir", None, "The draft's training workdir (its real weights are timed).")
@@ -39,24 +38,6 @@ flags.DEFINE_integer("calls", 64, "Steps per jitted call.")
 FLAGS = flags.FLAGS
 
 
-def _runner(params, cfg: nj.ModelConfig, T: int, window: int, calls: int):
-    """A compiled function running `calls` steps of T tokens (batch 1) and its arguments."""
-    K, H = cfg.kv_heads, cfg.resolved_head_dim
-    cache = [(jnp.zeros((K, window, H), cfg.compute_dtype),) * 2 for _ in range(cfg.n_layer)]
-    pad = jnp.zeros((1,), jnp.int32)
-
-    @jax.jit
-    def run(params, cache):
-        def body(i, carry):
-            cache, tok = carry
-            logits, cache = speculative._step(params, cfg, cache, tok, window // 2 + (i % 8), pad)
-            return cache, jnp.argmax(logits, -1).astype(jnp.int32)
-        return jax.lax.fori_loop(0, calls, body, (cache, jnp.zeros((1, T), jnp.int32)))
-
-    jax.block_until_ready(run(params, cache))  # compile + warm up
-    return run, (params, cache)
-
-
 def main(argv):
     del argv
     ts = [int(t) for t in FLAGS.ts]
@@ -67,12 +48,12 @@ def main(argv):
         params = nj.init_params(cfg, jax.random.key(0))
         print(f"# target {shape}: {cfg.num_params() / 1e6:.1f}M params", flush=True)
         for T in ts:
-            cells[(shape, T)] = _runner(params, cfg, T, FLAGS.window, FLAGS.calls)
+            cells[(shape, T)] = step_runner(params, cfg, T, FLAGS.window, FLAGS.calls)
     if FLAGS.draft_workdir:
         dcfg, dparams, _ = nj.load_checkpoint(FLAGS.draft_workdir)
         print(f"# draft: {dcfg.n_layer} layers, d_model {dcfg.d_model}, "
               f"{dcfg.num_params() / 1e6:.2f}M params")
-        cells[("draft", 1)] = _runner(dparams, dcfg, 1, FLAGS.window, FLAGS.calls)
+        cells[("draft", 1)] = step_runner(dparams, dcfg, 1, FLAGS.window, FLAGS.calls)
     times = {key: [] for key in cells}
     loads = []
     for _ in range(FLAGS.rounds):
