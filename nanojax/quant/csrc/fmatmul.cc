@@ -224,7 +224,9 @@ ffi::Error Fp32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   sh->slab = std::clamp<int64_t>((O + 2 * threads - 1) / (2 * threads), 64, kMaxSlab);
   sh->slab = (sh->slab + 15) / 16 * 16;
   sh->nslabs = (O + sh->slab - 1) / sh->slab;
-  const int64_t helpers = std::min({pool.num_threads(), sh->nslabs - 1, max_helpers});
+  // The caller works too, so it takes pool threads - 1 helpers (one per other core): a helper more
+  // than cores would preempt a worker in the middle of its slab, and everyone waits for that slab.
+  const int64_t helpers = std::min({std::max<int64_t>(0, pool.num_threads() - 1), sh->nslabs - 1, max_helpers});
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh] { work(*sh); });
   work(*sh);
   for (int spin = 0; sh->done.load(std::memory_order_acquire) < sh->nslabs; ++spin) {
