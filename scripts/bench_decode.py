@@ -297,12 +297,13 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
 
 
 def print_quant_table(rows: list[dict]) -> None:
-    tps = {r["label"]: r["tps"] for r in rows}
-    base = tps.get("nanojax fp32")
     print("| shape | batch | variant | weights MB | tok/s | vs nanojax fp32 | vs llama.cpp same bits | "
           "greedy tokens = nanojax fp32 |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        # ratios within one (shape, batch): the rows of other batches are other workloads
+        tps = {q["label"]: q["tps"] for q in rows if (q["shape"], q["batch"]) == (r["shape"], r["batch"])}
+        base = tps.get("nanojax fp32")
         lab = r["label"]
         peer = None
         if lab.startswith("nanojax int8"):
