@@ -55,18 +55,74 @@ def dense(x: jax.Array, w: jax.Array | Weight, dtype: jnp.dtype) -> jax.Array:
     return matmul(x, w.reshape(x.shape[-1], -1).astype(dtype))
 
 
+# A jit-cache-sensitive switch (a changed value re-traces), so one process can time the kernel
+# against XLA's dot: `with fp32_kernel(False): ...`. None: NANOJAX_FP32_KERNEL decides.
+_FP32_KERNEL = jax.make_user_context(default_value=None)
+
+
+def fp32_kernel(enabled: bool | None):
+    """Context manager: force the small-M fp32 CPU kernel on (where it can run) or off inside it.
+
+    Functions jitted earlier are re-traced for the new value, so A/B timing in one process works
+    (environment variables are read at trace time only, so they cannot do that)."""
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"fp32_kernel: enabled must be True, False or None, got {enabled!r}")
+    return _FP32_KERNEL(enabled)
+
+
+def _local(w: jax.Array) -> bool:
+    """True when w is not laid out over several devices (so a per-device custom call sees it whole).
+
+    Traced under jit, only an explicit-mode sharding is visible here; the automatic sharded paths
+    are recognised by the activation constraint they install while tracing (nanojax.sharding)."""
+    if isinstance(w, jax.core.Tracer):
+        spec = getattr(getattr(jax.typeof(w), "sharding", None), "spec", None)
+        return spec is None or all(s is None for s in spec)
+    sharding = getattr(w, "sharding", None)  # numpy and other host arrays: one place
+    return sharding is None or len(sharding.device_set) <= 1
+
+
+def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
+    """Whether `matmul` sends x @ w to the fp32 CPU kernel (nanojax.quant.ffi.fp32_matmul).
+
+    Yes for a decode-sized product: x (M, I) with 1 <= M <= KERNEL_MAX_ROWS (16), x and w float32, the
+    CPU backend with the kernels built, not under a sharded trace, w on one device. No under
+    NANOJAX_NO_KERNELS=1, NANOJAX_FP32_KERNEL=0 (read at trace time) or `with fp32_kernel(False)`.
+    XLA:CPU runs a layer-sized matrix-vector dot on one thread; the kernel splits it over both
+    (docs/performance.md, decode)."""
+    from nanojax.model import ACTIVATION_CONSTRAINT  # model imports this module
+    from nanojax.quant import ffi
+
+    if _FP32_KERNEL.value is False:
+        return False
+    return (x.ndim == 2 and w.ndim == 2 and 1 <= x.shape[0] <= ffi.KERNEL_MAX_ROWS
+            and x.dtype == jnp.float32 and w.dtype == jnp.float32
+            and ACTIVATION_CONSTRAINT.get() is None and _local(w)
+            and ffi.fp32_kernel_enabled(force=_FP32_KERNEL.value is True))
+
+
+def _product(x: jax.Array, w: jax.Array) -> jax.Array:
+    if use_fp32_kernel(x, w):
+        from nanojax.quant import ffi
+
+        return ffi.fp32_matmul(x, w)
+    return x @ w
+
+
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """(M, I) @ (I, O) -> (M, O).
 
     A custom VJP writes the weight gradient as an explicit 2-D matmul of a transposed operand;
     the dot XLA derives (contracting dim 0 of both sides) missed the fast CPU matmul library.
+    The forward of a decode-sized fp32 product runs the C++ kernel (`use_fp32_kernel`); the
+    backward is always XLA's dots.
     """
-    return x @ w
+    return _product(x, w)
 
 
 def _matmul_fwd(x, w):
-    return x @ w, (x, w)
+    return _product(x, w), (x, w)
 
 
 def _matmul_bwd(res, g):

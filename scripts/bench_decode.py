@@ -5,6 +5,8 @@
     python scripts/bench_decode.py --shapes=llama2-7b --dtype=bfloat16 --no_hf   # on a GPU
     python scripts/bench_decode.py --shapes=llama-134m --batches=1 --quant=fp32,int8,int4 --llama_cpp --no_hf
                                                      # docs/quantization.md: quantized + llama.cpp
+    python scripts/bench_decode.py --shapes=llama-134m --batches=1 --quant=fp32 --fp32_ab --llama_cpp
+                                                     # docs/performance.md: fp32 kernel vs XLA vs llama.cpp
 
 Both sides get the same random weights (nanojax params converted into a transformers model),
 the same prompts (random ids, `--prompt_len` long) and greedy decoding of `--new_tokens` tokens;
@@ -35,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nanojax as nj  # noqa: E402
+from nanojax.dense import fp32_kernel  # noqa: E402
 from nanojax.interop.gguf import write_gguf  # noqa: E402
 from nanojax.metrics import cpu_description, usable_cpus  # noqa: E402
 from nanojax.quant import ffi  # noqa: E402
@@ -60,6 +63,10 @@ flags.DEFINE_integer("group_size", 32, "int4 group size.")
 flags.DEFINE_boolean("llama_cpp", False, "Also run llama.cpp (llama-cpp-python, the `bench` extra) on the "
                      "same weights written as GGUF F32 / Q8_0 / Q4_0, batch 1.")
 flags.DEFINE_integer("llama_threads", 2, "llama.cpp threads.")
+flags.DEFINE_list("llama_types", ["F32", "Q8_0", "Q4_0"], "GGUF types llama.cpp runs (with --llama_cpp).")
+flags.DEFINE_boolean("fp32_ab", False, "Add a 'nanojax fp32 (XLA dots)' row: the fp32 params with the "
+                     "small-M fp32 CPU kernel switched off (nanojax.dense.fp32_kernel(False)), interleaved "
+                     "with the default row (kernel on) in the quantized-table run.")
 flags.DEFINE_float("pause_s", 0.5, "Idle seconds before each timed run (lets spinning threads sleep).")
 FLAGS = flags.FLAGS
 
@@ -247,6 +254,11 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
         if fmt == "fp32":
             variants["nanojax fp32"] = (lambda p=params: nj.generate(p, cfg, prompts, max_new_tokens=n),
                                         weight_bytes(params, cfg))
+            if FLAGS.fp32_ab:
+                def xla_run(p=params):
+                    with fp32_kernel(False):  # re-traces: XLA's dots instead of the kernel
+                        return nj.generate(p, cfg, prompts, max_new_tokens=n)
+                variants["nanojax fp32 (XLA dots)"] = (xla_run, weight_bytes(params, cfg))
             continue
         for act in FLAGS.kernel_activations:
             qp = nj.quantize(params, cfg, fmt, FLAGS.group_size if fmt == "int4" else None,
@@ -259,7 +271,7 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
         if batch != 1 or cfg.pos_emb != "rope":
             print(f"# llama.cpp rows skipped for {name} batch {batch}: the runner does Llama shapes, batch 1")
         else:
-            for ft in ("F32", "Q8_0", "Q4_0"):
+            for ft in FLAGS.llama_types:
                 path = os.path.join(tmp.name, f"{name}-{ft}.gguf")
                 write_gguf(params, cfg, path, ft)
                 runner = bq.LlamaCppRunner(path, n_ctx=total + 8, threads=FLAGS.llama_threads,
@@ -285,19 +297,20 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
 
 
 def print_quant_table(rows: list[dict]) -> None:
-    tps = {r["label"]: r["tps"] for r in rows}
-    base = tps.get("nanojax fp32")
     print("| shape | batch | variant | weights MB | tok/s | vs nanojax fp32 | vs llama.cpp same bits | "
           "greedy tokens = nanojax fp32 |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
+        # ratios within one (shape, batch): the rows of other batches are other workloads
+        tps = {q["label"]: q["tps"] for q in rows if (q["shape"], q["batch"]) == (r["shape"], r["batch"])}
+        base = tps.get("nanojax fp32")
         lab = r["label"]
         peer = None
         if lab.startswith("nanojax int8"):
             peer = tps.get("llama.cpp Q8_0")
         elif lab.startswith("nanojax int4"):
             peer = tps.get("llama.cpp Q4_0")
-        elif lab == "nanojax fp32":
+        elif lab.startswith("nanojax fp32"):
             peer = tps.get("llama.cpp F32")
         print(f"| {r['shape']} | {r['batch']} | {lab} | {r['bytes'] / 1e6:.0f} | {r['tps']:.1f} | "
               + (f"{r['tps'] / base:.2f}x" if base else "-") + " | "
@@ -307,7 +320,7 @@ def print_quant_table(rows: list[dict]) -> None:
 
 def main(argv):
     del argv
-    if FLAGS.quant != ["fp32"] or FLAGS.llama_cpp:
+    if FLAGS.quant != ["fp32"] or FLAGS.llama_cpp or FLAGS.fp32_ab:
         return main_quant()
     dev = jax.devices()[0]
     load_before = os.getloadavg()[0]

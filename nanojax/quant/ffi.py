@@ -39,7 +39,7 @@ import numpy as np
 from nanojax.quant import arrays as _layout
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qmatmul.cc", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed; the .cc compiled
+SOURCES = ("qmatmul.cc", "fmatmul.cc", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed; .cc compiled
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # part of the cache key
 # activations="int8": on a CPU with AVX-512 VNNI the kernels round x to int8 per 32-element block and
@@ -49,6 +49,7 @@ CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # part of the cache key
 # default "fp32" keeps the product exact to fp32 rounding, the same numbers as the pure-JAX path.
 KERNEL_ACTIVATIONS = os.environ.get("NANOJAX_KERNEL_ACTIVATIONS", "fp32")
 _TARGETS = {"int8": "nanojax_int8_matmul", "int4": "nanojax_int4_matmul"}
+_FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ fp32 w (I, O), M <= KERNEL_MAX_ROWS
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
@@ -134,7 +135,8 @@ def build(cxx: str | None = None, verbose: bool = False) -> Path:
     os.close(fd)
     # -march is left at the x86-64 baseline: the AVX2 / AVX-512 loops carry their own target
     # attributes and are chosen at run time, so the library runs on any x86-64 CPU.
-    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), str(CSRC / SOURCES[0]), "-o", tmp]
+    units = [str(CSRC / name) for name in SOURCES if name.endswith(".cc")]
+    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), *units, "-o", tmp]
     if verbose:
         print(" ".join(cmd))
     try:
@@ -164,9 +166,12 @@ def _load() -> bool:
                 for scheme, target in _TARGETS.items():
                     fn = lib.NjInt8Matmul if scheme == "int8" else lib.NjInt4Matmul
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
+                jax.ffi.register_ffi_target(_FP32_TARGET, jax.ffi.pycapsule(lib.NjFp32Matmul), platform="cpu")
                 lib.nj_quant_vector_bits.restype = ctypes.c_int
+                lib.nj_fp32_vector_bits.restype = ctypes.c_int
                 bits = lib.nj_quant_vector_bits()
                 _state["bits"], _state["vnni"] = bits & ~1, bool(bits & 1)
+                _state["fp32_bits"] = lib.nj_fp32_vector_bits()
                 _state["lib"] = lib  # keep the library loaded
             except (RuntimeError, OSError, AttributeError) as e:
                 why = str(e)
@@ -186,10 +191,10 @@ def kernels_available() -> bool:
 
 def kernels_info() -> dict:
     """What `kernels_available` found: {"available", "vector_bits" (512/256/0), "vnni" (int4 x int8
-    activations in integers), "why" (if not)}."""
+    activations in integers), "fp32_vector_bits" (the fp32 kernel's loops), "why" (if not)}."""
     ok = _load()
     return {"available": ok, "vector_bits": _state.get("bits", 0), "vnni": _state.get("vnni", False),
-            "why": _state.get("why")}
+            "fp32_vector_bits": _state.get("fp32_bits", 0), "why": _state.get("why")}
 
 
 def _reset_for_tests() -> None:
@@ -289,3 +294,41 @@ def int4_matmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, group_si
     """The pure-JAX path of `int4_matmul` (any backend)."""
     _check("int4_matmul", x, q, scale, group_size, int4=True)
     return _reference(x, dequantize_int4(q, scale, group_size))
+
+
+# ----------------------------------------------------------------------------------------------
+# The fp32 product for small M (csrc/fmatmul.cc), behind nanojax.dense.matmul.
+
+
+def fp32_kernel_enabled(force: bool = False) -> bool:
+    """Whether `nanojax.dense.matmul` may route small-M fp32 products to the kernel: the CPU backend,
+    the library loaded, and NANOJAX_FP32_KERNEL not "0" (unless `force`: dense.fp32_kernel(True))."""
+    if not force and os.environ.get("NANOJAX_FP32_KERNEL", "1") in ("0", "false", "no", "off"):
+        return False
+    return jax.default_backend() == "cpu" and _load()
+
+
+def fp32_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (M, I) float32 @ w (I, O) float32 -> (M, O) float32, 1 <= M <= KERNEL_MAX_ROWS, on the CPU.
+
+    w is read in place in its (I, O) layout. Each output is one fp32 sum over i = 0..I-1 in order
+    (fma), so a row's result does not depend on M, the batch it sits in or the thread count. It
+    agrees with `x @ w` to fp32 rounding. Needs the kernels (`kernels_available()`); callers that
+    want a fallback go through `nanojax.dense.matmul`, which picks XLA's dot when this cannot run.
+    Under vmap the call runs once per mapped element (sequential).
+    """
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"fp32_matmul: need x (M, I) and w (I, O), got {x.shape} and {w.shape}; reshape "
+                         "them to 2-D first")
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        raise ValueError(f"fp32_matmul: x and w must be float32, got {x.dtype} and {w.dtype}; cast them, "
+                         "or call x @ w for other dtypes")
+    if not 1 <= x.shape[0] <= KERNEL_MAX_ROWS:
+        raise ValueError(f"fp32_matmul: x has {x.shape[0]} rows, the kernel takes 1..{KERNEL_MAX_ROWS}; "
+                         "use x @ w for larger M (XLA's dot is faster there)")
+    if not _load():
+        raise RuntimeError(f"fp32_matmul: the CPU kernels are unavailable ({_state.get('why')}); build "
+                           "them with `make kernels`, or use x @ w")
+    call = jax.ffi.ffi_call(_FP32_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w)
