@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 NO_DECAY_TOP = ("wte", "wpe")  # the embeddings: decayed only when asked (decay_mask's `embeddings`)
@@ -25,12 +26,24 @@ def decay_mask(params: Any, embeddings: bool = False) -> Any:
 
 
 def lr_schedule(lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> optax.Schedule:
-    """0 -> lr linearly over warmup_steps, then cosine to min_lr at total_steps (nanoGPT's)."""
-    warmup_steps = max(0, min(warmup_steps, total_steps))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr,
-    )
+    """The learning rate of update s (s = 0, 1, ...: updates made before it), nanoGPT's schedule.
+
+    Warmup, s < W: lr * (s + 1) / (W + 1), so the first update already moves (lr / (W + 1)) and
+    the ramp reaches lr at s = W; optax's linear warmup starts at 0 and wastes update 0. Then
+    cosine from lr at s = W to min_lr at s = total_steps, and min_lr after (nanoGPT train.py
+    get_lr; Loshchilov & Hutter 2017, SGDR, for the cosine). W is clipped to total_steps.
+    """
+    warmup = max(0, min(warmup_steps, total_steps))
+    decay_span = max(total_steps - warmup, 1)
+
+    def schedule(step: jax.Array | int) -> jax.Array:
+        s = jnp.asarray(step, jnp.float32)
+        ramp = lr * (s + 1.0) / (warmup + 1)
+        frac = jnp.clip((s - warmup) / decay_span, 0.0, 1.0)
+        cosine = min_lr + (lr - min_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+        return jnp.where(s < warmup, ramp, cosine)
+
+    return schedule
 
 
 def make_optimizer(

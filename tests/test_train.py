@@ -534,8 +534,8 @@ def test_metrics_log_every_step_and_the_rate_follows_warmup_then_cosine(trained)
     lr, min_lr, warmup = OVERRIDES["lr"], OVERRIDES["min_lr"], OVERRIDES["warmup_steps"]
 
     def expected(i):  # the update that ends at step i + 1 used the rate of step i
-        if i < warmup:
-            return lr * i / warmup
+        if i < warmup:  # nanoGPT's warmup: the first update already moves
+            return lr * (i + 1) / (warmup + 1)
         frac = (i - warmup) / (STEPS - warmup)
         return min_lr + (lr - min_lr) * 0.5 * (1 + np.cos(np.pi * frac))
 

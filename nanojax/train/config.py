@@ -128,7 +128,7 @@ _RANGES: tuple[tuple[str, bool, float, bool, float | None, str], ...] = (
     ("max_steps", True, 1, True, None, "optimizer updates in the whole run"),
     ("lr", False, 0, False, None, "the peak learning rate"),
     ("min_lr", False, 0, True, None, "the rate the cosine decay ends at"),
-    ("warmup_steps", True, 0, True, None, "steps of linear warmup from 0 to lr"),
+    ("warmup_steps", True, 0, True, None, "steps of linear warmup, lr/(W+1) up to lr (nanoGPT's)"),
     ("weight_decay", False, 0, True, None, "AdamW's decoupled decay; 0 turns it off"),
     ("b1", False, 0, True, 1, "Adam's first-moment decay"),
     ("b2", False, 0, True, 1, "Adam's second-moment decay"),
