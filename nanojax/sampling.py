@@ -28,6 +28,26 @@ class SamplerSpec:
     rep: bool
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, axis=-1) as two plain reductions: x float (..., V) -> int32 (...), the first
+    index of the maximum (the first NaN if the row has one, as jnp.argmax).
+
+    jnp.argmax is one variadic (value, index) reduction, which XLA:CPU runs as scalar code: 110 us
+    over a 32000-token vocabulary at batch 1, against ~12 us for a max then a min over the indices
+    that hold it, both vectorized (docs/performance.md, "Decode: the non-matmul ops"). Greedy
+    decoding and the Gumbel-max sampler call it once per token."""
+    V = x.shape[-1]
+    best = jnp.max(x, axis=-1, keepdims=True)  # NaN if the row has a NaN
+    hit = (x == best) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """jax.random.categorical(key, logits, axis=-1) (the Gumbel-max trick: the argmax of logits
+    plus Gumbel noise, the same noise draw) with `argmax` above. logits float (B, V) -> int32 (B,)."""
+    return argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
+
+
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
     """HF's RepetitionPenaltyLogitsProcessor (CTRL paper): for every token already present in the
     sequence (prompt or generated), divide a positive logit by `penalty` and multiply a negative
@@ -70,9 +90,9 @@ def sample(logits: jax.Array, key: jax.Array, spec: SamplerSpec, knobs: dict[str
     if spec.greedy:
         if spec.rep:
             logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     logits, idx = _transform(logits, spec, knobs, seen)
-    choice = jax.random.categorical(key, logits, axis=-1)  # (B,) Gumbel-max
+    choice = categorical(key, logits)  # (B,) Gumbel-max
     if idx is not None:
         choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
     return choice.astype(jnp.int32)
@@ -83,7 +103,7 @@ def sampler_probs(logits: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Arr
     sum to 1 (one-hot at the argmax when greedy). Speculative decoding's rejection test compares
     these for the target and the draft (nanojax/infer/speculative.py). No repetition penalty."""
     if spec.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     cand, idx = _transform(logits, spec, knobs, None)
     probs = jax.nn.softmax(cand, axis=-1)  # (B, C)
     if idx is None:
@@ -191,7 +211,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array],
     row from one descending sort (a token stays when its logit is >= the row's k-th best, and
     >= the smallest logit of the top-p prefix: HF's TopK/TopP warpers up to ties). Returns int32 (R,).
     """
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    best = argmax(logits)
     if greedy_only:
         return best
     R, V = logits.shape
@@ -209,7 +229,8 @@ def sample_rows(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array],
     x = jnp.where(x >= jnp.take_along_axis(desc, n_keep - 1, axis=-1), x, -jnp.inf)
     probs = jax.nn.softmax(x, axis=-1)
     x = jnp.where(probs >= knobs["min_p"][:, None] * jnp.max(probs, axis=-1, keepdims=True), x, -jnp.inf)
-    choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
+    noise = jax.vmap(lambda key, row: jax.random.gumbel(key, row.shape, row.dtype))(keys, x)  # (R, V)
+    choice = argmax(x + noise)  # jax.random.categorical per row, as `categorical`
     return jnp.where(knobs["greedy"], best, choice)
 
 
