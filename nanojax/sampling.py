@@ -29,17 +29,25 @@ class SamplerSpec:
 
 
 def argmax(x: jax.Array) -> jax.Array:
-    """jnp.argmax(x, axis=-1) as two plain reductions: x float (..., V) -> int32 (...), the first
-    index of the maximum (the first NaN if the row has one, as jnp.argmax).
+    """jnp.argmax(x, axis=-1), exactly, as two plain integer reductions: x float (..., V) -> int32
+    (...), the first index of the maximum (of the first NaN if the row has one, as jnp.argmax).
 
-    jnp.argmax is one variadic (value, index) reduction, which XLA:CPU runs as scalar code: 110 us
-    over a 32000-token vocabulary at batch 1, against ~12 us for a max then a min over the indices
-    that hold it, both vectorized (docs/performance.md, "Decode: the non-matmul ops"). Greedy
-    decoding and the Gumbel-max sampler call it once per token."""
+    jnp.argmax is one variadic (value, index) reduction, which XLA:CPU runs as scalar code: ~110 us
+    a token over a 32000-token vocabulary at batch 1. Here each float becomes an int32 key in the
+    same order (the sign-flip of radix sorts, M. Herf, "Radix Tricks", 2001: a negative float's
+    magnitude bits are inverted), NaN made one NaN above +inf and -0.0 made +0.0 (argmax counts
+    them equal); then a max of the keys and a min of the indices holding it: ~25 us
+    (docs/performance.md, "Decode: the non-matmul ops"). A float max instead of the key went to
+    XNNPACK's reduce on this jaxlib, with a copy of the logits before it: ~80 us."""
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
     V = x.shape[-1]
-    best = jnp.max(x, axis=-1, keepdims=True)  # NaN if the row has a NaN
-    hit = (x == best) | jnp.isnan(x)
-    return jnp.min(jnp.where(hit, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+    x = x.astype(jnp.float32)
+    x = jnp.where(jnp.isnan(x), jnp.nan, jnp.where(x == 0, 0.0, x))
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # >> is arithmetic: all ones for a negative float
+    best = jnp.max(key, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(key == best, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
 
 
 def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
