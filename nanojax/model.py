@@ -162,10 +162,11 @@ def rope_table(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.A
     """RoPE's cos and sin for `positions` (B, T) int: float32 (B, T, 1, H/2) each, angle
     positions * theta^(-2i/H) for pair i.
 
-    Every layer rotates by the same angles, so `hidden_states` computes this once and hands it to
-    each block. Computed inside every block's rope, XLA:CPU fused the sin/cos into each layer's
-    q and k fusions and evaluated them per output element (H/2 angles, N*H elements): ~20 us of
-    a llama-134m decode step per layer (docs/performance.md, "Decode: the non-matmul ops")."""
+    Every layer rotates by the same angles, so `hidden_states` traces this once for all blocks.
+    XLA:CPU may still fuse a copy of the sin/cos into each layer's q and k fusions and evaluate
+    them per output element (N*H elements, not H/2): in a decode step that cost ~6 us per layer
+    at llama-134m, so the decode loops pass `rope_cs` gathered from a table they make before their
+    while loop (docs/performance.md, "Decode: the non-matmul ops")."""
     inv_freq = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)  # (H/2,)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]

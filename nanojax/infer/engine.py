@@ -233,8 +233,8 @@ def _pallas_decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: j
 def window_rope(cfg: ModelConfig, window: int) -> tuple[jax.Array, jax.Array] | None:
     """RoPE's cos and sin for positions 0 .. window-1, each float32 (window, H/2), made once per
     decode call, outside its while loop (None for learned positions). Made inside the loop, XLA:CPU
-    fused the sin/cos into every layer's q and k fusions and evaluated them per element: ~20 us of
-    every layer of a llama-134m step (docs/performance.md)."""
+    fused the sin/cos into every layer's q and k fusions and evaluated them per element: ~6 us of
+    every layer of a llama-134m step (docs/performance.md, "Decode: the non-matmul ops")."""
     if cfg.pos_emb != "rope":
         return None
     cos, sin = rope_table(jnp.arange(window, dtype=jnp.int32)[None], cfg.resolved_head_dim, cfg.rope_theta)
