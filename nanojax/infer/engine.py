@@ -255,6 +255,7 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
                  window: int, lora: Any = None) -> tuple[Cache, State]:
     """Decodes while t < limit, the fed slot is inside `window`, and some row is not done.
     A cache shorter than `window` slots is first padded to it."""
+    rope = window_rope(cfg, window)  # made once, read by every step (window_rope says why)
 
     def cond(carry):
         _, st = carry
@@ -279,7 +280,6 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
         return cache, _accept(st, logits, spec, knobs, stops)
 
     cache = [(_grow(kc, window), _grow(vc, window)) for kc, vc in cache]
-    rope = window_rope(cfg, window)
     return jax.lax.while_loop(cond, body, (cache, state))
 
 
