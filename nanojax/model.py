@@ -158,16 +158,28 @@ def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_table(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """RoPE's cos and sin for `positions` (B, T) int: float32 (B, T, 1, H/2) each, angle
+    positions * theta^(-2i/H) for pair i.
+
+    Every layer rotates by the same angles, so `hidden_states` traces this once for all blocks.
+    XLA:CPU may still fuse a copy of the sin/cos into each layer's q and k fusions and evaluate
+    them per output element (N*H elements, not H/2): in a decode step that cost ~6 us per layer
+    at llama-134m, so the decode loops pass `rope_cs` gathered from a table they make before their
+    while loop (docs/performance.md, "Decode: the non-matmul ops")."""
+    inv_freq = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)  # (H/2,)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float,
+         table: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Rotary position embedding, half-split convention (GPT-NeoX / HF Llama).
 
     x: (B, T, N, H); positions: (B, T) int. Pairs (i, i + H/2) rotate by positions * theta^(-2i/H).
+    table: `rope_table(positions, H, theta)` if the caller already has it (the same numbers).
     """
-    H = x.shape[-1]
-    inv_freq = theta ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)  # (H/2,)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
-    cos = jnp.cos(angles)[:, :, None, :]  # (B, T, 1, H/2)
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos, sin = table if table is not None else rope_table(positions, x.shape[-1], theta)  # (B, T, 1, H/2)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -242,8 +254,11 @@ def block(
     layer_state: Any = None,
     rng: jax.Array | None = None,
     comms: BlockComms | None = None,
+    rope_cs: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, Any]:
     """One pre-norm transformer block. x: (B*T, D); positions: (B, T). Returns (x, layer_state).
+
+    rope_cs: `rope_table(positions, ...)`, shared by all layers (computed here when None).
 
     comms: tensor parallelism's two collectives (BlockComms); None on one device and under jit,
     where the partitioner places them. With comms, cfg's n_head, n_kv_head and d_ff are this
@@ -267,8 +282,10 @@ def block(
     k = k.reshape(B, T, K, H)
     v = v.reshape(B, T, K, H)
     if cfg.pos_emb == "rope":
-        q = rope(q, positions, cfg.rope_theta)
-        k = rope(k, positions, cfg.rope_theta)
+        if rope_cs is None:
+            rope_cs = rope_table(positions, H, cfg.rope_theta)
+        q = rope(q, positions, cfg.rope_theta, rope_cs)
+        k = rope(k, positions, cfg.rope_theta, rope_cs)
     o, layer_state = attend(q, k, v, layer_state)  # (B, T, N, H)
     o = checkpoint_name(o, "attn_context")
     o = dense(o.reshape(B * T, N * H), a["wo"], cfg.compute_dtype)  # (B*T, D)
@@ -359,8 +376,12 @@ def hidden_states(
     layer_states: list[Any] | None = None,
     dropout_rng: jax.Array | None = None,
     lora: Any = None,
+    rope_cs: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, list[Any] | None]:
     """Embeddings and all blocks, before the final norm. Returns ((B*T, D), new layer states).
+
+    rope_cs: `rope_table(positions, ...)` when the caller has it cheaper (a decode loop gathers it
+    from a table made once outside the loop: see `rope_table`); computed here when None.
 
     lora: an adapter (nanojax.lora: LoraAdapter, or StackedLora for one adapter per row) whose
     `wrap` puts its low-rank updates on the weights it targets; they apply at the matmul seam.
@@ -378,8 +399,12 @@ def hidden_states(
         rng_emb, rng_layers = jax.random.split(dropout_rng)
     x = _dropout(embed(params, tokens, positions, cfg), cfg.dropout, rng_emb)
 
+    # One RoPE table for every layer (rope_table says why).
+    if rope_cs is None and cfg.pos_emb == "rope":
+        rope_cs = rope_table(positions, cfg.resolved_head_dim, cfg.rope_theta)
+
     def run_block(p, x, state, rng):
-        return block(p, x, cfg, positions, attend, state, rng)
+        return block(p, x, cfg, positions, attend, state, rng, rope_cs=rope_cs)
 
     run_block = remat_block(run_block, cfg)
 

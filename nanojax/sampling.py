@@ -28,6 +28,34 @@ class SamplerSpec:
     rep: bool
 
 
+def argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax(x, axis=-1), exactly, as two plain integer reductions: x float (..., V) -> int32
+    (...), the first index of the maximum (of the first NaN if the row has one, as jnp.argmax).
+
+    jnp.argmax is one variadic (value, index) reduction, which XLA:CPU runs as scalar code: ~110 us
+    a token over a 32000-token vocabulary at batch 1. Here each float becomes an int32 key in the
+    same order (the sign-flip of radix sorts, M. Herf, "Radix Tricks", 2001: a negative float's
+    magnitude bits are inverted), NaN made one NaN above +inf and -0.0 made +0.0 (argmax counts
+    them equal); then a max of the keys and a min of the indices holding it: ~25 us
+    (docs/performance.md, "Decode: the non-matmul ops"). A float max instead of the key went to
+    XNNPACK's reduce on this jaxlib, with a copy of the logits before it: ~80 us."""
+    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    V = x.shape[-1]
+    x = x.astype(jnp.float32)
+    x = jnp.where(jnp.isnan(x), jnp.nan, jnp.where(x == 0, 0.0, x))
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # >> is arithmetic: all ones for a negative float
+    best = jnp.max(key, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(key == best, jnp.arange(V, dtype=jnp.int32), V), axis=-1)
+
+
+def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """jax.random.categorical(key, logits, axis=-1) (the Gumbel-max trick: the argmax of logits
+    plus Gumbel noise, the same noise draw) with `argmax` above. logits float (B, V) -> int32 (B,)."""
+    return argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
+
+
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: jax.Array | float) -> jax.Array:
     """HF's RepetitionPenaltyLogitsProcessor (CTRL paper): for every token already present in the
     sequence (prompt or generated), divide a positive logit by `penalty` and multiply a negative
@@ -70,9 +98,9 @@ def sample(logits: jax.Array, key: jax.Array, spec: SamplerSpec, knobs: dict[str
     if spec.greedy:
         if spec.rep:
             logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     logits, idx = _transform(logits, spec, knobs, seen)
-    choice = jax.random.categorical(key, logits, axis=-1)  # (B,) Gumbel-max
+    choice = categorical(key, logits)  # (B,) Gumbel-max
     if idx is not None:
         choice = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
     return choice.astype(jnp.int32)
@@ -83,7 +111,7 @@ def sampler_probs(logits: jax.Array, spec: SamplerSpec, knobs: dict[str, jax.Arr
     sum to 1 (one-hot at the argmax when greedy). Speculative decoding's rejection test compares
     these for the target and the draft (nanojax/infer/speculative.py). No repetition penalty."""
     if spec.greedy:
-        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+        return jax.nn.one_hot(argmax(logits), logits.shape[-1], dtype=jnp.float32)
     cand, idx = _transform(logits, spec, knobs, None)
     probs = jax.nn.softmax(cand, axis=-1)  # (B, C)
     if idx is None:
@@ -191,7 +219,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array],
     row from one descending sort (a token stays when its logit is >= the row's k-th best, and
     >= the smallest logit of the top-p prefix: HF's TopK/TopP warpers up to ties). Returns int32 (R,).
     """
-    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    best = argmax(logits)
     if greedy_only:
         return best
     R, V = logits.shape
@@ -209,7 +237,8 @@ def sample_rows(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array],
     x = jnp.where(x >= jnp.take_along_axis(desc, n_keep - 1, axis=-1), x, -jnp.inf)
     probs = jax.nn.softmax(x, axis=-1)
     x = jnp.where(probs >= knobs["min_p"][:, None] * jnp.max(probs, axis=-1, keepdims=True), x, -jnp.inf)
-    choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, x).astype(jnp.int32)
+    noise = jax.vmap(lambda key, row: jax.random.gumbel(key, row.shape, row.dtype))(keys, x)  # (R, V)
+    choice = argmax(x + noise)  # jax.random.categorical per row, as `categorical`
     return jnp.where(knobs["greedy"], best, choice)
 
 

@@ -2,6 +2,7 @@
 bf16 against fp32), samplers, streaming, stop tokens and strings (also straddling BPE tokens),
 sliding past the context, and every bad input. Sampler distributions: tests/test_sampling.py."""
 
+import functools
 import json
 import os
 import re
@@ -190,6 +191,59 @@ def test_the_decode_loop_reads_the_cache_where_it_lies(batch):
             if np.prod([int(d) for d in m.group(2).split(",") if d]) >= window * H:
                 big_copies.append(m.group(0))
         assert "while(" in hlo and not big_copies, big_copies
+
+
+def _loop_body_ops(hlo: str) -> str:
+    """The instructions a compiled module runs inside its while loops: every computation reachable
+    from a `while`'s body (fusions, reductions' regions, nested loops), as one text."""
+    comp = re.compile(r"^(?:ENTRY )?%([\w.-]+) .*?\{\n(.*?)^\}", re.M | re.S)
+    comps = {m.group(1): m.group(2) for m in comp.finditer(hlo)}
+    todo = re.findall(r"\bwhile\(.*?body=%([\w.-]+)", hlo)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen and name in comps:
+            seen.add(name)
+            todo += re.findall(r"(?:calls|to_apply|body|condition)=%([\w.-]+)", comps[name])
+    assert seen, "no while loop in the module"
+    return "\n".join(comps[n] for n in seen)
+
+
+def test_the_decode_step_computes_no_sin_cos_and_no_variadic_argmax():
+    """Per token, the compiled decode loop evaluates no sin/cos (RoPE's table is made once per call,
+    outside the loop; inside, XLA:CPU fused them into every layer's q and k and evaluated them per
+    element) and picks the greedy token with plain reductions, not jnp.argmax's (value, index)
+    reduce that XLA:CPU runs as scalar code (docs/performance.md). Both decode loops: generate's
+    and the continuous-batching engine's chunk."""
+    from nanojax.infer import slots as SL
+    from nanojax.sampling import make_spec, row_knobs
+
+    cfg = nj.ModelConfig.preset("llama-tiny", vocab_size=97, n_layer=1, max_seq_len=64)  # compiles fast
+    params = _params(cfg, 3)
+    spec, knobs = make_spec(0.0, None, None, None, None)
+    stops = jnp.full((1,), -1, jnp.int32)
+    window = 64
+    prefill = functools.partial(GEN._prefill, cfg=cfg, spec=spec, window=window, n_out=56, debug=False)
+    cache, state = jax.eval_shape(prefill, params, np.zeros((2, 8), np.int32), np.zeros(2, np.int32),
+                                  np.uint32(0), np.int32(0), knobs, stops)  # shapes only: nothing compiled
+    hlo = GEN._decode_jit(True).lower(params, cache, state, np.int32(40), knobs, stops, cfg=cfg,
+                                      spec=spec, window=window).compile().as_text()
+    # The continuous-batching engine's decode chunk (infer/slots.py), greedy rows.
+    S, V = 2, cfg.vocab_size
+    knob = {k: np.stack([v] * S) for k, v in row_knobs(0.0, None, None, None, V).items()}
+    rows = dict(knob, slot=np.arange(S, dtype=np.int32), token=np.zeros(S, np.int32),
+                pos=np.array([5, 9], np.int32), t=np.zeros(S, np.int32), active=np.ones(S, bool),
+                remaining=np.full(S, 8, np.int32), stops=np.full((S, SL.N_STOP), -1, np.int32),
+                key=np.zeros((S, 2), np.uint32))
+    cache = SL.new_cache(cfg, S, None)
+    chunk = SL._decode_chunk_jit().lower(params, cache, rows, cfg=cfg, steps=4, window=64,
+                                         greedy_only=True, logprobs=False).compile().as_text()
+    for text in (hlo, chunk):
+        body = _loop_body_ops(text)
+        assert "dot(" in body  # the model's step is in there
+        assert not re.search(r"\b(?:sine|cosine)\(", body)
+        variadic_reduce = r"= \(\w+\[[\d,]*\][^ ]* \w+\[[\d,]*\][^)]*\) reduce\("  # (value, index) = reduce()
+        assert not re.search(variadic_reduce, body)
 
 
 def test_batch_composition_does_not_change_a_row():

@@ -157,3 +157,50 @@ def test_generate_first_token_frequencies_match_the_reference():
         assert set(np.flatnonzero(counts[r]).tolist()) <= set(np.flatnonzero(ref[r]).tolist())
     tv = _tv(counts, ref)  # noise ~0.01 at V=16, n=10,000
     assert np.all(tv < 0.04), (tv, counts.round(3), ref.round(3))
+
+
+def test_argmax_is_numpys_first_index_of_the_max():
+    """sampling.argmax (a max of order-preserving int keys, then the first index holding it) against
+    np.argmax on ties, -inf, +inf, NaN of either sign (the first NaN wins, as in np/jnp.argmax),
+    -0.0 against 0.0 (equal: the first), negatives, bf16 and a 32000-token vocabulary; subnormals
+    against jnp.argmax."""
+    from nanojax.sampling import argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 32000)).astype(np.float32)
+    x[0, [7, 31999]] = 50.0  # a tie: the first wins
+    x[1, [31999, 7]] = [9.0, 9.0]
+    x[2] = -np.inf  # all -inf: index 0
+    x[3, ::2] = -np.inf
+    x[4, [100, 200]] = np.inf
+    x[5, [300, 40]] = np.nan  # NaN beats everything: the first NaN
+    x[6, 31999] = 1e30  # the last index
+    x[7] = np.float32(3.0)  # all equal
+    x[8, [0, 5]] = [-0.0, 0.0]
+    x[8, 1:] = -1.0
+    x[8, 5] = 0.0
+    x[9] = -rng.uniform(1, 5, 32000)  # all negative: the least negative wins
+    x[10, [50, 70]] = [-np.nan, np.nan]  # a NaN with its sign bit set counts as well
+    x[11] = rng.normal(size=32000) * 1e-40  # subnormals: XLA:CPU flushes them to zero, jnp.argmax too
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got[:11], np.argmax(x[:11], axis=-1))
+    assert got[11] == int(jax.jit(lambda r: jnp.argmax(r))(x[11])) == 0
+    assert got.dtype == np.int32
+    half = jnp.asarray(x[:11, :4000], jnp.bfloat16)  # bf16 logits: the same rule
+    np.testing.assert_array_equal(np.asarray(argmax(half)), np.argmax(np.asarray(half, np.float32), axis=-1))
+    small = jnp.asarray([[1.0, 3.0, 3.0, 2.0]])
+    assert int(argmax(small)[0]) == 1 and argmax(jnp.asarray([2.0, 5.0])).shape == ()
+
+
+def test_categorical_draws_what_jax_random_categorical_draws():
+    """sampling.categorical is jax.random.categorical with the fast argmax: the same token for the
+    same key, over many keys (with -inf entries, as the filters leave them)."""
+    from nanojax.sampling import categorical
+
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(2, 60)) * 2, jnp.float32)
+    logits = logits.at[:, ::3].set(-jnp.inf)
+    keys = jax.random.split(jax.random.key(5), 64)
+    both = jax.jit(jax.vmap(lambda k: (categorical(k, logits), jax.random.categorical(k, logits, axis=-1))))
+    ours, theirs = both(keys)  # one compiled call: jax.random compiles slowly on CPU
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert len(np.unique(np.asarray(ours))) > 20  # the keys draw different tokens

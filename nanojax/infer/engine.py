@@ -50,7 +50,7 @@ from flax import struct
 from nanojax.attention import attention
 from nanojax.config import ModelConfig
 from nanojax.kernels import decode_attention
-from nanojax.model import Params, hidden_states, unembed
+from nanojax.model import Params, hidden_states, rope_table, unembed
 from nanojax.sampling import SamplerSpec, sample
 
 Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [B*K, W, H] (module docstring)
@@ -230,11 +230,32 @@ def _pallas_decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: j
     return out[:, None]
 
 
+def window_rope(cfg: ModelConfig, window: int) -> tuple[jax.Array, jax.Array] | None:
+    """RoPE's cos and sin for positions 0 .. window-1, each float32 (window, H/2), made once per
+    decode call, outside its while loop (None for learned positions). Made inside the loop, XLA:CPU
+    fused the sin/cos into every layer's q and k fusions and evaluated them per element: ~6 us of
+    every layer of a llama-134m step (docs/performance.md, "Decode: the non-matmul ops")."""
+    if cfg.pos_emb != "rope":
+        return None
+    cos, sin = rope_table(jnp.arange(window, dtype=jnp.int32)[None], cfg.resolved_head_dim, cfg.rope_theta)
+    return cos[0, :, 0], sin[0, :, 0]
+
+
+def step_rope(table: tuple[jax.Array, jax.Array] | None, positions: jax.Array
+              ) -> tuple[jax.Array, jax.Array] | None:
+    """`rope_table(positions)` gathered from `window_rope`'s table: positions (B, T) int, every one
+    < window. Returns cos, sin (B, T, 1, H/2), or None."""
+    if table is None:
+        return None
+    return table[0][positions][:, :, None, :], table[1][positions][:, :, None, :]
+
+
 def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, knobs: dict[str, jax.Array],
                  stops: jax.Array, *, cfg: ModelConfig, spec: SamplerSpec,
                  window: int, lora: Any = None) -> tuple[Cache, State]:
     """Decodes while t < limit, the fed slot is inside `window`, and some row is not done.
     A cache shorter than `window` slots is first padded to it."""
+    rope = window_rope(cfg, window)  # made once, read by every step (window_rope says why)
 
     def cond(carry):
         _, st = carry
@@ -254,7 +275,7 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
 
         positions = (slot - pad)[:, None]  # (B, 1)
         x, cache = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,
-                                 layer_states=cache, lora=lora)
+                                 layer_states=cache, lora=lora, rope_cs=step_rope(rope, positions))
         logits = unembed(params, x, cfg)  # (B, V)
         return cache, _accept(st, logits, spec, knobs, stops)
 

@@ -54,7 +54,7 @@ from nanojax.infer.engine import (
     _next_pow2,
     _write,
 )
-from nanojax.model import Params, hidden_states, unembed
+from nanojax.model import Params, hidden_states, rope_table, unembed
 from nanojax.sampling import row_logprobs, sample_rows
 
 SlotCache = list[tuple[Any, Any]]  # per layer (k, v): [S*K, C, H] arrays or Int8KV records
@@ -259,6 +259,12 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
     windows = [(_window_rows(kc, rows["slot"], K, window), _window_rows(vc, rows["slot"], K, window))
                for kc, vc in cache]
     w_rows = jnp.arange(S * K, dtype=jnp.int32)
+    # RoPE's cos/sin for every step of the chunk, made before the loop (engine.window_rope says
+    # why): an active row feeds position pos + i at step i (inactive rows' outputs are unused).
+    rope = None
+    if cfg.pos_emb == "rope":
+        ahead = jnp.minimum(rows["pos"][:, None] + jnp.arange(steps, dtype=jnp.int32), cfg.max_seq_len - 1)
+        rope = rope_table(ahead, cfg.resolved_head_dim, cfg.rope_theta)  # each (S, steps, 1, H/2)
 
     def body(carry):
         i, windows, st, out = carry
@@ -272,8 +278,9 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
             return _decode_attention(q, kw, vw, pos[:, None], zeros), (kw, vw)
 
         positions = jnp.minimum(pos, cfg.max_seq_len - 1)[:, None]  # (S, 1)
+        rope_cs = None if rope is None else tuple(jax.lax.dynamic_slice_in_dim(t, i, 1, 1) for t in rope)
         x, windows = hidden_states(params, st["token"][:, None], cfg, positions=positions, attend=attend,
-                                   layer_states=windows)
+                                   layer_states=windows, rope_cs=rope_cs)
         logits = unembed(params, x, cfg)  # (S, V)
         t_new = st["t"] + 1
         nxt = sample_rows(logits, _row_keys(rows["key"], t_new), knobs, greedy_only)
