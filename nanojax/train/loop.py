@@ -166,7 +166,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         write_atomic(workdir / CONFIG_FILE, json.dumps(record, indent=2, default=str))
         load_tokenizer(config.data_dir).save(workdir)
     writer = MetricsWriter(workdir / "metrics.jsonl", resume_step=start) if is_main else None
-    if is_main:  # the header of this (re)start: host CPU, devices and the XLA flags chosen for them
+    if is_main and start < config.max_steps:  # the header of this (re)start: host CPU, devices and
+        # the XLA flags chosen for them; a resume with no step left to run leaves the file as it is
         writer.write({"step": start, "header": run_header()})
     if lora_on:
         trainable = sum(int(x.size) for x in jax.tree.leaves(params))
