@@ -7,8 +7,10 @@
 """
 
 from nanojax._malloc import tune_malloc
+from nanojax.xla_env import tune_xla, xla_tuning
 
 tune_malloc()  # before JAX allocates anything (see nanojax/_malloc.py)
+tune_xla()  # XLA:CPU flags for this CPU family, before a backend reads XLA_FLAGS (nanojax/xla_env.py)
 
 from nanojax.checkpoint import load_checkpoint  # noqa: E402
 from nanojax.config import ModelConfig  # noqa: E402
@@ -20,4 +22,4 @@ from nanojax.quant import load_quantized, quantize  # noqa: E402
 
 __all__ = ["ModelConfig", "init_params", "forward", "param_axes", "load_checkpoint", "generate",
            "generate_stream", "load_hf", "save_hf", "quantize", "load_quantized",
-           "load_gguf", "init_lora", "load_lora", "save_lora", "merge_lora", "unmerge_lora"]
+           "load_gguf", "init_lora", "load_lora", "save_lora", "merge_lora", "unmerge_lora", "xla_tuning"]

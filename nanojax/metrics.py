@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 from nanojax.config import ModelConfig
 from nanojax.outdir import write_atomic
+from nanojax.xla_env import CPU_ISA_FLAGS, read_cpuinfo, xla_tuning
+from nanojax.xla_env import describe as describe_tuning
 
 # Dense peak TFLOP/s per device kind and dtype, from the vendors' spec sheets (no sparsity).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
@@ -84,11 +86,6 @@ def mfu(tokens_per_sec: float, cfg: ModelConfig, seq_len: int, n_devices: int = 
     return flops_per_token(cfg, seq_len) * tokens_per_sec / (peak * n_devices)
 
 
-# The x86 extensions that decide matmul speed on CPU (DESIGN.md: the EPYC has AVX2 only, the Xeon
-# AVX-512, VNNI and AMX, and the fast path differs), in the order cpu_description names them.
-CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def usable_cpus() -> int:
     """Logical CPUs this process may run on (its affinity mask; XLA:CPU sizes its pool to it)."""
     try:
@@ -97,32 +94,37 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_description(threads: str = "", cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+def cpu_description(threads: str = "", cpuinfo: str | Path = "/proc/cpuinfo",
+                    tuning: dict[str, Any] | None = None) -> str:
     """One line naming the host CPU, for the header of a benchmark table: the model name, which
-    of CPU_ISA_FLAGS it has, its logical CPUs (and how many this process may use), and `threads`,
-    the caller's account of the threads it ran (e.g. "XLA 2, torch 2").
+    of CPU_ISA_FLAGS it has, its logical CPUs and physical cores (and how many this process may
+    use), `threads`, the caller's account of the threads it ran (e.g. "XLA 2, torch 2"), and the
+    XLA:CPU flags nanojax chose for it (`tuning`, default this process's `xla_tuning()`).
 
-    e.g. "Intel(R) Xeon(R) Processor; avx2 avx512f amx_tile; 2 logical CPUs, 2 usable; threads XLA 2".
+    e.g. "Intel(R) Xeon(R) Processor; avx2 avx512f amx_tile; 2 logical CPUs (2 cores), 2 usable;
+    threads XLA 2; XLA tuning intel-avx512: added --xla_cpu_...; user XLA_FLAGS: (none)".
     Reads `cpuinfo` (Linux); without one, the model is platform.processor() and the flags unknown.
     """
-    model, flags = "", None
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not model:
-                model = value.strip()
-            elif key in ("flags", "Features") and flags is None:  # x86 / Arm spelling
-                flags = set(value.split())
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine() or "unknown CPU"
-    if flags is None:
+    info = read_cpuinfo(cpuinfo)
+    model = info.model or platform.processor() or platform.machine() or "unknown CPU"
+    if info.flags is None:
         isa = "ISA flags unknown"
     else:
-        isa = " ".join(f for f in CPU_ISA_FLAGS if f in flags) or f"none of {', '.join(CPU_ISA_FLAGS)}"
-    out = f"{model}; {isa}; {os.cpu_count()} logical CPUs, {usable_cpus()} usable"
-    return out + (f"; threads {threads}" if threads else "")
+        isa = " ".join(f for f in CPU_ISA_FLAGS if f in info.flags) or f"none of {', '.join(CPU_ISA_FLAGS)}"
+    cores = f" ({info.cores} core{'s' if info.cores > 1 else ''})" if info.cores else ""
+    out = f"{model}; {isa}; {os.cpu_count()} logical CPUs{cores}, {usable_cpus()} usable"
+    out += f"; threads {threads}" if threads else ""
+    return out + "; " + describe_tuning(xla_tuning() if tuning is None else tuning)
+
+
+def run_header() -> dict[str, Any]:
+    """What a metrics.jsonl header line records about the process that trains: jax version,
+    devices, the host CPU (cpu_description) and the XLA:CPU flags nanojax chose (xla_tuning()).
+    Written once per (re)start, so a run resumed on another machine shows both."""
+    device = jax.devices()[0]
+    return {"jax": jax.__version__, "platform": device.platform, "device_kind": device.device_kind,
+            "devices": jax.device_count(), "processes": jax.process_count(),
+            "cpu": cpu_description(), "xla_tuning": xla_tuning()}
 
 
 def memory_stats(device: Any = None) -> dict[str, float]:

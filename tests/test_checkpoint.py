@@ -60,7 +60,8 @@ def history(workdir):
             rec = json.loads(line)
         except json.JSONDecodeError:  # a line a kill cut short
             continue
-        out.append({k: rec[k] for k in keep if k in rec})
+        if "header" not in rec:  # one per (re)start, describing the process: not the history
+            out.append({k: rec[k] for k in keep if k in rec})
     return out
 
 

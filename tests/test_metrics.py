@@ -9,9 +9,11 @@ from nanojax.metrics import (
     PEAK_TFLOPS,
     MetricsWriter,
     cpu_description,
+    describe_tuning,
     device_peak_flops,
     flops_per_token,
     mfu,
+    xla_tuning,
 )
 from nanojax.train import build, default_config, model_config_from
 
@@ -71,7 +73,11 @@ def test_cpu_description_names_the_model_and_only_the_flags_present(tmp_path):
                     "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8 avx512_fp16\n")
     line = cpu_description("XLA 2, torch 2", cpuinfo=info)
     assert line.startswith("Test CPU 9000; avx2 avx512f avx512_vnni amx_int8; "), line
-    assert line.endswith(" usable; threads XLA 2, torch 2") and "logical CPUs" in line, line
+    assert " logical CPUs, " in line and " usable; threads XLA 2, torch 2; XLA tuning " in line, line
+    assert line.endswith(describe_tuning(xla_tuning())), line  # this process's choice of XLA flags
+    info.write_text("processor\t: 0\nphysical id\t: 0\ncore id\t: 0\nprocessor\t: 1\nphysical id\t: 0\n"
+                    "core id\t: 0\nflags\t: avx2\n")  # one core, two hyperthreads
+    assert " logical CPUs (1 core), " in cpu_description(cpuinfo=info)
     info.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
     assert "; none of avx2, " in cpu_description(cpuinfo=info)
     assert "ISA flags unknown" in cpu_description(cpuinfo=tmp_path / "missing")

@@ -27,7 +27,7 @@ from conftest import checkpoint_steps, cpu_config
 import nanojax as nj
 from nanojax import data
 from nanojax import sharding as shd
-from nanojax.metrics import MetricsWriter, read_metrics, trace_op_times
+from nanojax.metrics import MetricsWriter, cpu_description, read_metrics, trace_op_times
 from nanojax.model import hidden_states, param_shapes
 from nanojax.tokenizer import CharTokenizer
 from nanojax.train import (
@@ -520,6 +520,23 @@ def test_profile_traces_exactly_the_asked_steps_and_names_their_ops(synth_data, 
         train(base_config(synth_data, {"profile": "5"}), tmp_path / "c", progress=False)
     with pytest.raises(FileNotFoundError, match="--config.profile"):
         trace_op_times(tmp_path / "c")
+
+
+def test_metrics_header_records_the_cpu_devices_and_xla_flags(trained):
+    """The first metrics.jsonl line describes the process that trained: what nanojax chose for
+    XLA_FLAGS on this CPU (and the user's flags), the CPU line the benches print, the devices."""
+    first = read_metrics(trained / "metrics.jsonl")[0]
+    assert first["step"] == 0 and set(first) == {"step", "header"}, first
+    h = first["header"]
+    assert h["xla_tuning"] == nj.xla_tuning()
+    assert h["xla_tuning"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
+    assert h["cpu"] == cpu_description() and h["cpu"].startswith(_cpuinfo_model())
+    assert (h["jax"], h["devices"], h["platform"]) == (jax.__version__, jax.device_count(), "cpu")
+
+
+def _cpuinfo_model():
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
 def test_metrics_log_every_step_and_the_rate_follows_warmup_then_cosine(trained):

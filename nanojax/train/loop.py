@@ -19,7 +19,7 @@ from nanojax import data as data_lib
 from nanojax import sharding as shd
 from nanojax.checkpoint import Checkpointer
 from nanojax.config import ModelConfig
-from nanojax.metrics import MetricsWriter, memory_stats, mfu, write_atomic
+from nanojax.metrics import MetricsWriter, memory_stats, mfu, run_header, write_atomic
 from nanojax.tokenizer import load_tokenizer
 from nanojax.train import lora_run
 from nanojax.train.config import _parse_profile, model_config_from, validate_config
@@ -166,6 +166,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         write_atomic(workdir / CONFIG_FILE, json.dumps(record, indent=2, default=str))
         load_tokenizer(config.data_dir).save(workdir)
     writer = MetricsWriter(workdir / "metrics.jsonl", resume_step=start) if is_main else None
+    if is_main and start < config.max_steps:  # the header of this (re)start: host CPU, devices and
+        # the XLA flags chosen for them; a resume with no step left to run leaves the file as it is
+        writer.write({"step": start, "header": run_header()})
     if lora_on:
         trainable = sum(int(x.size) for x in jax.tree.leaves(params))
         frozen = lora_run.count_frozen(base_params)
