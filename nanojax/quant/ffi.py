@@ -39,7 +39,7 @@ import numpy as np
 from nanojax.quant import arrays as _layout
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qmatmul.cc", "fmatmul.cc", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed; .cc compiled
+SOURCES = ("qmatmul.cc", "fmatmul.cc", "parallel.h", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # part of the cache key
 # activations="int8": on a CPU with AVX-512 VNNI the kernels round x to int8 per 32-element block and

@@ -25,21 +25,18 @@
 //
 // ISA: AVX-512 and AVX2 loops (GCC target attributes) picked at each call with __builtin_cpu_supports
 // (capped by NANOJAX_KERNEL_ISA=avx512|avx2|scalar, as the quant kernels), a scalar loop otherwise.
-// Threads: slabs are claimed from an atomic counter by the caller and by tasks it schedules on the
-// FFI ThreadPool, the same hand-off as qmatmul.cc (the caller works too and only waits for slabs a
-// helper already claimed).
+// Threads: the slabs are the units of parallel.h's split, shared with qmatmul.cc (claimed by the
+// caller and by helpers on the FFI ThreadPool).
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -181,22 +178,6 @@ void run_slab(const Fp32Problem& p, Tier tier, int64_t c0, int64_t ncols) {
   for (int64_t m = 0; m < p.M; ++m) std::memcpy(p.y + m * p.O + c0, acc + m * kMaxSlab, sizeof(float) * ncols);
 }
 
-struct Shared {
-  Fp32Problem p;
-  Tier tier;
-  int64_t slab, nslabs;
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-void work(Shared& s) {
-  for (;;) {
-    const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= s.nslabs) return;
-    run_slab(s.p, s.tier, c * s.slab, std::min(s.slab, s.p.O - c * s.slab));
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error Fp32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
@@ -211,28 +192,16 @@ ffi::Error Fp32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
     std::memset(yp, 0, sizeof(float) * M * O);
     return ffi::Error::Success();
   }
-  auto sh = std::make_shared<Shared>();
-  sh->p = Fp32Problem{M, I, O, x.typed_data(), w.typed_data(), yp};
-  sh->tier = pick_tier();
-  // NANOJAX_KERNEL_THREADS caps the threads (1: the caller only); read at each call (tests vary it).
-  const char* cap = std::getenv("NANOJAX_KERNEL_THREADS");
-  const int64_t limit = cap ? std::max<int64_t>(1, std::atoll(cap)) : INT64_MAX, max_helpers = limit - 1;
+  const Fp32Problem p{M, I, O, x.typed_data(), w.typed_data(), yp};
+  const Tier tier = pick_tier();
   // Slab width: about two slabs per thread (so a late helper still finds work), a multiple of 16
   // columns, within [64, kMaxSlab]: wider slabs read longer contiguous runs of each weight row.
   // The width changes no result (see Determinism above).
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), limit));
-  sh->slab = std::clamp<int64_t>((O + 2 * threads - 1) / (2 * threads), 64, kMaxSlab);
-  sh->slab = (sh->slab + 15) / 16 * 16;
-  sh->nslabs = (O + sh->slab - 1) / sh->slab;
-  // The caller works too, so it takes pool threads - 1 helpers (one per other core): a helper more
-  // than cores would preempt a worker in the middle of its slab, and everyone waits for that slab.
-  const int64_t helpers = std::min({std::max<int64_t>(0, pool.num_threads() - 1), sh->nslabs - 1, max_helpers});
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh] { work(*sh); });
-  work(*sh);
-  for (int spin = 0; sh->done.load(std::memory_order_acquire) < sh->nslabs; ++spin) {
-    _mm_pause();
-    if (spin % 256 == 255) std::this_thread::yield();
-  }
+  const int64_t threads = nj::kernel_threads(pool);
+  int64_t slab = std::clamp<int64_t>((O + 2 * threads - 1) / (2 * threads), 64, kMaxSlab);
+  slab = (slab + 15) / 16 * 16;
+  nj::parallel_units(pool, (O + slab - 1) / slab,
+                     [&](int64_t c) { run_slab(p, tier, c * slab, std::min(slab, O - c * slab)); });
   return ffi::Error::Success();
 }
 

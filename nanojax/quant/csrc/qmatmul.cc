@@ -13,23 +13,19 @@
 //
 // ISA: an AVX-512 and an AVX2 version of each inner loop (GCC target attributes), picked once at
 // load time with __builtin_cpu_supports; a scalar loop for anything else. Threads: output rows are
-// split in chunks claimed from an atomic counter by the calling thread and by tasks it schedules on
-// XLA's intra-op thread pool (the FFI ThreadPool context). The caller works too and only waits for
-// chunks already claimed, so it never deadlocks when the pool is busy; the shared state is
-// reference-counted so a task that starts late finds no work and exits safely.
+// split in chunks, the units of parallel.h's split (claimed by the calling thread and by helpers on
+// XLA's intra-op thread pool, the FFI ThreadPool context), shared with fmatmul.cc.
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -181,24 +177,6 @@ void run_rows(const Problem& p, const Isa& isa, Kind kind, int64_t o0, int64_t o
   }
 }
 
-// Work split over output rows: the caller and pool tasks claim fixed-size chunks.
-struct Shared {
-  Problem p;
-  Kind kind;
-  const Isa* isa;
-  int64_t chunk, nchunks;
-  std::atomic<int64_t> next{0}, done{0};
-};
-
-void work(Shared& s) {
-  for (;;) {
-    const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= s.nchunks) return;
-    run_rows(s.p, *s.isa, s.kind, c * s.chunk, std::min(s.p.O, (c + 1) * s.chunk));
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi::AnyBuffer scale,
                    ffi::Result<ffi::AnyBuffer> y, int64_t group_size, Kind want) {
   const bool int4 = want == kInt4 || want == kInt4Q8;
@@ -211,7 +189,6 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
     return ffi::Error::InvalidArgument("nanojax quant kernel: shapes do not match the layout contract");
   if (M == 0 || O == 0) return ffi::Error::Success();
 
-  auto sh = std::make_shared<Shared>();
   // fp32 copies of the small operands: x (M*I) and the scales (O*I/G) when stored as bf16.
   std::vector<float> xf, xeo, sf, yf, sxl;
   std::vector<int8_t> xq;  // int8 activations, when the VNNI loops run
@@ -238,13 +215,11 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
   } else {
     return ffi::Error::InvalidArgument("nanojax quant kernel: scale must be float32 or bfloat16");
   }
-  Problem& p = sh->p;
-  p = Problem{M, I, O, G, xp, nullptr, nullptr, q.untyped_data(), sp, nullptr, 0, nullptr, nullptr, nullptr,
+  Problem p{M, I, O, G, xp, nullptr, nullptr, q.untyped_data(), sp, nullptr, 0, nullptr, nullptr, nullptr,
               nullptr, 0, nullptr, nullptr};
   if (want == kInt8Q8 && !int8_vnni_shape(p)) want = kInt8;
   Kind kind;
-  sh->isa = &isa_for(want, &kind);
-  sh->kind = kind;
+  const Isa& isa = isa_for(want, &kind);
   if (kind == kInt4Q8) {
     quantize_activations(p, xq, corr, sxl);
   } else if (kind == kInt8Q8) {
@@ -269,20 +244,9 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
   }
   // ~64 KiB of weights per chunk keeps the claim overhead negligible and the two cores balanced.
   const int64_t row_bytes = int4 ? I / 2 : I;
-  sh->chunk = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
-  sh->nchunks = (O + sh->chunk - 1) / sh->chunk;
-  static const int64_t max_helpers = [] {  // NANOJAX_KERNEL_THREADS caps the threads (1: caller only)
-    const char* v = std::getenv("NANOJAX_KERNEL_THREADS");
-    return v ? std::max<int64_t>(0, std::atoll(v) - 1) : INT64_MAX;
-  }();
-  const int64_t helpers = std::min({pool.num_threads(), sh->nchunks - 1, max_helpers});
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh] { work(*sh); });
-  work(*sh);
-  // Wait for chunks the pool threads claimed; yield now and then in case they were preempted.
-  for (int spin = 0; sh->done.load(std::memory_order_acquire) < sh->nchunks; ++spin) {
-    _mm_pause();
-    if (spin % 256 == 255) std::this_thread::yield();
-  }
+  const int64_t chunk = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
+  nj::parallel_units(pool, (O + chunk - 1) / chunk,
+                     [&](int64_t c) { run_rows(p, isa, kind, c * chunk, std::min(O, (c + 1) * chunk)); });
   if (out_bf16) {
     uint16_t* dst = static_cast<uint16_t*>(y->untyped_data());
     for (int64_t i = 0; i < M * O; ++i) dst[i] = f32_to_bf16(yf[i]);
