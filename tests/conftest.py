@@ -80,3 +80,18 @@ def compile_cache(_compile_cache_dir) -> dict[str, str]:
     for name, value in old.items():
         jax.config.update(name, value)
     cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """nanojax.quant.ffi with the C++ kernels built (or found cached) and loaded, once per module;
+    where g++ exists they must build (tests/test_quant_kernels.py, tests/test_dense_kernel.py)."""
+    import shutil
+
+    from nanojax.quant import ffi
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ on this machine: the kernels cannot be built (fallback tested below)")
+    ffi._reset_for_tests()
+    assert ffi.kernels_available(), ffi.kernels_info()
+    return ffi

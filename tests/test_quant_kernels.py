@@ -17,16 +17,6 @@ from nanojax.quant import ffi
 HAVE_CXX = shutil.which("g++") is not None
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """Builds (or finds cached) and loads the kernels once; where g++ exists they must build."""
-    if not HAVE_CXX:
-        pytest.skip("no g++ on this machine: the kernels cannot be built (fallback tested below)")
-    ffi._reset_for_tests()
-    assert ffi.kernels_available(), ffi.kernels_info()
-    return ffi
-
-
 def make(scheme, M, I, O, G, dtype, seed=0):
     """Random x, packed q, scales, and the float64 numpy product x @ W (the oracle)."""
     rng = np.random.default_rng(seed)
