@@ -52,7 +52,7 @@ def argmax(x: jax.Array) -> jax.Array:
 
 def categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
     """jax.random.categorical(key, logits, axis=-1) (the Gumbel-max trick: the argmax of logits
-    plus Gumbel noise, the same noise draw) with `argmax` above. logits float (B, V) -> int32 (B,)."""
+    plus Gumbel noise, the same noise draw) with `argmax` above. logits float (..., V) -> int32 (...)."""
     return argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
@@ -237,8 +237,7 @@ def sample_rows(logits: jax.Array, keys: jax.Array, knobs: dict[str, jax.Array],
     x = jnp.where(x >= jnp.take_along_axis(desc, n_keep - 1, axis=-1), x, -jnp.inf)
     probs = jax.nn.softmax(x, axis=-1)
     x = jnp.where(probs >= knobs["min_p"][:, None] * jnp.max(probs, axis=-1, keepdims=True), x, -jnp.inf)
-    noise = jax.vmap(lambda key, row: jax.random.gumbel(key, row.shape, row.dtype))(keys, x)  # (R, V)
-    choice = argmax(x + noise)  # jax.random.categorical per row, as `categorical`
+    choice = jax.vmap(categorical)(keys, x)  # each row its own key: jax.random.categorical per row
     return jnp.where(knobs["greedy"], best, choice)
 
 
