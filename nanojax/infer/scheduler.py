@@ -39,7 +39,7 @@ from nanojax.infer.engine import KV_CACHE_DTYPES
 from nanojax.infer.generate import _check_ids
 from nanojax.infer.prefix import PrefixStore
 from nanojax.infer.requests import EngineStopped, Event, QueueFull, Request, SamplingParams, TokenLogprob
-from nanojax.infer.stops import releasable
+from nanojax.infer.stops import token_event
 from nanojax.model import Params
 from nanojax.sampling import ROW_KNOBS, check_sampling, row_knobs
 
@@ -465,60 +465,12 @@ class Engine:
         self._counts["tokens_total"] += made
         self._recent.append((time.perf_counter(), made, len(chunk["act"]) / self.slots))
 
-    # -- the host side of each token: stops, text, events ----------------------------------------
-
     def _deliver(self, req: Request, toks: list[int], out: dict[str, np.ndarray], row: int) -> None:
-        """Adds a request's new tokens (out: the device call's output, row: its row there) and
-        sends an Event; finishes the request on a stop token, a stop string or its budget."""
-        p = req.params
-        ids, reason, cut = [], None, None
-        for tok in toks:
-            ids.append(tok)
-            req.generated.append(tok)
-            if tok in p.stop_token_ids:
-                reason = "stop"
-                break
-            if p.stop:
-                text = self.tokenizer.decode(req.generated)
-                hits = [i for i in (text.find(s, max(0, req.text_sent - len(s))) for s in p.stop) if i >= 0]
-                if hits:
-                    reason, cut = "stop", text[: min(hits)]
-                    break
-            if len(req.generated) >= p.max_tokens:
-                reason = "length"
-                break
-        text = self._text(req, reason, cut)
-        logprobs = None
-        if p.logprobs is not None:
-            lp, top_ids, top_lp = out["logprob"], out["top_ids"], out["top_logprobs"]
-            if lp.ndim == 1:  # prefill: one token, no step axis
-                lp, top_ids, top_lp = lp[:, None], top_ids[:, None], top_lp[:, None]
-            logprobs = tuple(TokenLogprob(tok, float(lp[row, j]), tuple(
-                (int(top_ids[row, j, m]), float(top_lp[row, j, m])) for m in range(p.logprobs)))
-                for j, tok in enumerate(ids))
-        done = reason is not None
-        req._push(Event(token_ids=tuple(ids), text=text, logprobs=logprobs, finish_reason=reason,
-                        prompt_tokens=req.prompt_tokens if done else 0,
-                        completion_tokens=len(req.generated) if done else 0,
-                        prefix_hit=req.prefix_hit if req.first else 0))
+        """Sends req the Event for its new tokens (stops.token_event: out is the device call's
+        output, row its row there) and finishes it on a stop token, a stop string or its budget."""
+        ev = token_event(req, toks, out, row, self.tokenizer)
+        req._push(ev)
         req.first = False
-        if done:
+        if ev.finish_reason is not None:
             self._counts["requests_finished"] += 1
-            self._finish(req, reason)
-
-    def _text(self, req: Request, reason: str | None, cut: str | None) -> str:
-        """The text that can be sent now: all of it at the end; before that, held back while it
-        ends in a partial UTF-8 character or could be the start of a stop string."""
-        if self.tokenizer is None:
-            return ""
-        if cut is not None:
-            full = cut
-        else:
-            ids = req.generated
-            if reason == "stop" and ids and ids[-1] in req.params.stop_token_ids:
-                ids = ids[:-1]  # a stop token is reported in token_ids, not in the text
-            full = self.tokenizer.decode(ids)
-        end = releasable(full, req.text_sent, req.params.stop, final=reason is not None)
-        piece = full[req.text_sent:end]
-        req.text_sent = max(req.text_sent, end)
-        return piece
+            self._finish(req, ev.finish_reason)
