@@ -204,3 +204,23 @@ def test_categorical_draws_what_jax_random_categorical_draws():
     ours, theirs = both(keys)  # one compiled call: jax.random compiles slowly on CPU
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
     assert len(np.unique(np.asarray(ours))) > 20  # the keys draw different tokens
+
+
+@pytest.mark.parametrize("scale", [0.3, 8.0], ids=["flat:bisection", "peaked:top-candidates"])
+def test_top_k_top_p_keep_is_hfs_kept_set(scale):
+    """The per-row top-k/top-p mask (no vocabulary sort) keeps exactly the tokens HF's warpers
+    keep (_reference), row by row with its own values, on a vocabulary wider than its candidate
+    list: flat logits (the boundary beyond the candidates: bisection) and peaked ones (inside)."""
+    from nanojax.sampling import TOP_CANDIDATES, top_k_top_p_keep
+
+    Vw = 4 * TOP_CANDIDATES + 37
+    rng = np.random.default_rng(2)
+    knobs = [(None, 0.9), (5, None), (None, None), (40, 0.5), (1, 0.3), (None, 0.2), (TOP_CANDIDATES, 0.999)]
+    if scale < 1:  # top_k between the candidates and the vocabulary always needs the bisection
+        knobs.append((3 * TOP_CANDIDATES, 0.97))
+    x = (rng.normal(size=(len(knobs), Vw)) * scale).astype(np.float32)
+    keep = np.asarray(top_k_top_p_keep(jnp.asarray(x), jnp.asarray([k or Vw for k, _ in knobs], jnp.int32),
+                                       jnp.asarray([p or 1.0 for _, p in knobs], jnp.float32)))
+    for r, (k, p) in enumerate(knobs):
+        want = _reference(x[r:r + 1], 1.0, top_k=k, top_p=p)[0] > 0
+        np.testing.assert_array_equal(keep[r], want, err_msg=f"row {r}: top_k={k} top_p={p}")

@@ -15,6 +15,7 @@ from conftest import np_params
 import nanojax as nj
 from nanojax.infer import slots as SL
 from nanojax.infer.scheduler import Engine, EngineStopped, QueueFull, SamplingParams
+from nanojax.sampling import row_knobs
 from nanojax.tokenizer import CharTokenizer
 
 # A Llama-family model (RoPE, grouped-query attention: 4 heads over 2 kv heads) with peaked logits,
@@ -103,6 +104,64 @@ def test_staggered_requests_equal_generate_alone(engine, params):
         assert "".join(ev.text for ev in events) == TOK.decode(want)
     stats = engine.stats()
     assert stats["active_slots"] == 0 and stats["queue_len"] == 0
+
+
+def test_requests_admitted_together_share_one_packed_prefill(params):
+    # Queued before the engine starts, so its first turn admits all four: one packed call, whose
+    # requests must not see each other (each equals generate alone).
+    prompts = _prompts(11, [5, 19, 1, 33])
+    max_tokens = [6, 3, 8, 5]
+    eng = Engine(params, CFG, TOK, slots=4, max_queue=8, chunk_size=4, prefix_cache_tokens=0)
+    reqs = [eng.submit(p, greedy(m)) for p, m in zip(prompts, max_tokens, strict=True)]
+    eng.start()
+    try:
+        outs = [_collect(r)[0] for r in reqs]
+        stats = eng.stats()
+    finally:
+        eng.shutdown(drain=False, timeout=30)
+    assert outs == _oracle(params, prompts, max_tokens)
+    assert stats["prefill_calls"] == 1 and stats["prefill_tokens"] == sum(map(len, prompts))
+
+
+def test_prefill_packed_logits_equal_forward_per_request(params):
+    # The slots-level call: three prompts back to back in slots 2, 0, 1; each request's logits
+    # are those of nj.forward on that prompt alone, and its K/V land in its own slot.
+    prompts = _prompts(12, [7, 12, 1])
+    T = SL.prefill_bucket(20)
+    cache = SL.new_cache(CFG, 3, None)
+    tokens, slot = np.zeros((1, T), np.int32), np.full(T, 1, np.int32)
+    pos = np.full(T, SL.cache_len(CFG), np.int32)  # padding: past the cache, dropped
+    last = np.zeros(SL.pack_rows(T, 3), np.int32)
+    at = 0
+    for j, (s, p) in enumerate(zip([2, 0, 1], prompts, strict=True)):
+        tokens[0, at:at + len(p)], slot[at:at + len(p)], pos[at:at + len(p)] = p, s, np.arange(len(p))
+        last[j] = at + len(p) - 1
+        at += len(p)
+    knobs = row_knobs(0.0, None, None, None, CFG.vocab_size)
+    knobs = {k: np.stack([v] * len(last)) for k, v in knobs.items()}
+    keys = np.zeros((len(last), 2), np.uint32)
+    cache, out = SL.prefill_packed(params, cache, tokens, slot, pos, last, knobs, keys, cfg=CFG)
+    for j, p in enumerate(prompts):
+        want = np.asarray(nj.forward(params, np.asarray([p]), CFG))[0, -1]
+        np.testing.assert_allclose(np.asarray(out["logits"][j]), want, rtol=2e-5, atol=2e-5)
+        assert int(out["token"][j]) == int(np.argmax(want))
+    # Slot 1 holds one token: position 0 written, the rest of its row still zero (padding dropped).
+    k1 = np.asarray(cache[0][0])[1 * CFG.kv_heads:2 * CFG.kv_heads]
+    assert np.abs(k1[:, 0]).sum() > 0 and not np.any(k1[:, 1:])
+
+
+def test_plan_packs_keeps_order_and_fills_packs():
+    lengths = [5, 19, 1, 33, 300, 2, 600, 1, 1, 1, 1, 120, 120, 120, 120, 60]
+    packs = SL.plan_packs(lengths, slots=8)
+    assert [i for p in packs for i in p] == list(range(len(lengths)))  # every request once, in order
+    for p, nxt in zip(packs, packs[1:] + [None], strict=True):
+        total = sum(lengths[i] for i in p)
+        assert len(p) == 1 or (total <= SL.PACK_TOKENS
+                               and len(p) <= SL.pack_rows(SL.prefill_bucket(total), 8))
+        if nxt is not None:  # a pack closes only when the next request would not fit
+            t, k = total + lengths[nxt[0]], len(p) + 1
+            assert t > SL.PACK_TOKENS or k > SL.pack_rows(SL.prefill_bucket(t), 8)
+    assert [len(p) for p in packs] == [6, 1, 1, 1, 1, 5, 1]  # worked out by hand
 
 
 def test_cancel_frees_the_slot_and_leaves_the_others_alone(engine, params, tokenizer):

@@ -39,7 +39,7 @@ from nanojax.infer.engine import KV_CACHE_DTYPES
 from nanojax.infer.generate import _check_ids
 from nanojax.infer.prefix import PrefixStore
 from nanojax.infer.requests import EngineStopped, Event, QueueFull, Request, SamplingParams, TokenLogprob
-from nanojax.infer.stops import releasable
+from nanojax.infer.stops import token_event
 from nanojax.model import Params
 from nanojax.sampling import ROW_KNOBS, check_sampling, row_knobs
 
@@ -52,6 +52,7 @@ class Engine:
     """See the module docstring. stats() returns at least: queue_len, active_slots, slots,
     batch_occupancy (mean active/slots over recent decode chunks), tokens_per_s (recent),
     tokens_total, requests_total, requests_running, prefix_hits, prefix_tokens_reused,
+    prefill_calls (device prefill calls: requests admitted together share packed ones),
     executables (compiled variants so far).
 
     tokenizer: anything with decode(list[int]) -> str, or None (events then carry no text and
@@ -141,9 +142,10 @@ class Engine:
         span = recent[-1][0] - recent[0][0] if len(recent) > 1 else 0.0
         out["tokens_per_s"] = sum(n for _, n, _ in recent[1:]) / span if span > 0 else 0.0
         for name in ("tokens_total", "requests_total", "prefix_hits", "prefix_tokens_reused",
-                     "prefill_tokens", "requests_finished", "errors"):
+                     "prefill_tokens", "prefill_calls", "requests_finished", "errors"):
             out[name] = self._counts[name]
-        fns = {"prefill": SL.prefill, "decode_chunk": SL._decode_chunk_jit(), "save_blocks": SL.save_blocks,
+        fns = {"prefill": SL.prefill, "prefill_packed": SL.prefill_packed,
+               "decode_chunk": SL._decode_chunk_jit(), "save_blocks": SL.save_blocks,
                "load_blocks": SL.load_blocks}
         out["executables_by_fn"] = {k: f._cache_size() for k, f in fns.items()}
         out["executables"] = sum(out["executables_by_fn"].values())
@@ -248,8 +250,7 @@ class Engine:
                 self._finish(req, "cancelled")
             return False
         self._drop_cancelled()
-        for slot, req in admit:
-            self._guard([req], self._admit, slot, req)
+        self._admit_all(admit)
         self._drop_cancelled()
         if self._rows["active"].any() or self._inflight is not None:
             self._guard([r for r in self._running if r is not None], self._chunk)
@@ -296,9 +297,22 @@ class Engine:
                             completion_tokens=len(req.generated),
                             prefix_hit=req.prefix_hit if req.first else 0))
 
+    def _admit_all(self, admit: list[tuple[int, Request]]) -> None:
+        """Prefills the admitted requests: one with a cached prefix alone (its blocks copied in
+        first), the others packed into as few calls as SL.plan_packs allows."""
+        fresh = []
+        for slot, req in admit:
+            if self._store is not None and self._store.lookup(req.prompt, (len(req.prompt) - 1) // SL.BLOCK):
+                self._guard([req], self._admit, slot, req)
+            else:
+                fresh.append((slot, req))
+        for pack in SL.plan_packs([len(req.prompt) for _, req in fresh], self.slots):
+            items = [fresh[i] for i in pack]
+            self._guard([req for _, req in items], self._admit_pack, items)
+
     def _admit(self, slot: int, req: Request) -> None:
-        """Prefills req into `slot` (after copying its longest cached prefix) and sends token 0."""
-        prompt, p, n = req.prompt, req.params, len(req.prompt)
+        """Prefills req into `slot` after copying its longest cached prefix, and sends token 0."""
+        prompt, n = req.prompt, len(req.prompt)
         hit: list[int] = []
         if self._store is not None:
             hit = self._store.lookup(prompt, max_blocks=(n - 1) // SL.BLOCK)  # prefill >= 1 token
@@ -310,36 +324,82 @@ class Engine:
         new = prompt[start:]
         tokens = np.zeros((1, SL.prefill_bucket(len(new))), np.int32)
         tokens[0, : len(new)] = new
-        knobs = row_knobs(p.temperature, p.top_k, p.top_p, p.min_p, self.cfg.vocab_size)
-        key = np.asarray(jax.random.key_data(jax.random.key(req.seed)), np.uint32)
+        knobs, key = self._knobs(req)
         self._cache, out = SL.prefill(self.params, self._cache, tokens, np.int32(slot), np.int32(start),
                                       np.int32(len(new)), {k: v[None] for k, v in knobs.items()}, key[None],
                                       cfg=self.cfg)
-        if self._store is not None:
-            copies = self._store.insert(prompt)
-            if copies:
-                src = np.zeros(self.C // SL.BLOCK, np.int32)
-                dst = np.full(self.C // SL.BLOCK, self._store.capacity, np.int32)  # = skip
-                for j, (i, b) in enumerate(copies):
-                    src[j], dst[j] = i, b
-                self._pool = SL.save_blocks(self._cache, self._pool, np.int32(slot), src, dst)
+        self._counts["prefill_calls"] += 1
+        self._save_prefix(slot, req)
+        self._start(slot, req, jax.device_get(out), 0, start, knobs, key)
+
+    def _admit_pack(self, items: list[tuple[int, Request]]) -> None:
+        """Prefills whole prompts (no cached prefix) into their slots in one packed call
+        (SL.prefill_packed) and sends each its token 0."""
+        lengths = [len(req.prompt) for _, req in items]
+        T = SL.prefill_bucket(sum(lengths))
+        R = SL.pack_rows(T, self.slots)
+        tokens = np.zeros((1, T), np.int32)
+        slot = np.full(T, items[-1][0], np.int32)  # padding: the last request's slot, at pos C (dropped)
+        pos = np.full(T, self.C, np.int32)
+        last = np.zeros(R, np.int32)
+        rows = [self._knobs(req) for _, req in items]
+        pad = [rows[0]] * (R - len(items))  # rows past the pack's requests: any valid values, unused
+        knobs = {k: np.stack([kn[k] for kn, _ in rows + pad]) for k in ROW_KNOBS}
+        keys = np.stack([key for _, key in rows + pad])
+        at = 0
+        for j, ((s, req), n) in enumerate(zip(items, lengths, strict=True)):
+            tokens[0, at:at + n], slot[at:at + n], pos[at:at + n] = req.prompt, s, np.arange(n)
+            last[j] = at + n - 1
+            at += n
+        self._cache, out = SL.prefill_packed(self.params, self._cache, tokens, slot, pos, last, knobs, keys,
+                                             cfg=self.cfg)
+        self._counts["prefill_calls"] += 1
+        for s, req in items:
+            self._save_prefix(s, req)
         out = jax.device_get(out)
+        for j, (s, req) in enumerate(items):
+            self._start(s, req, out, j, 0, rows[j][0], rows[j][1])
+
+    def _knobs(self, req: Request) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """req's sampler values (`row_knobs`) and its seed's PRNG key data, uint32 (2,)."""
+        p = req.params
+        knobs = row_knobs(p.temperature, p.top_k, p.top_p, p.min_p, self.cfg.vocab_size)
+        return knobs, np.asarray(jax.random.key_data(jax.random.key(req.seed)), np.uint32)
+
+    def _save_prefix(self, slot: int, req: Request) -> None:
+        """Records req's prompt blocks in the prefix store, copying the new ones into the pool."""
+        if self._store is None:
+            return
+        copies = self._store.insert(req.prompt)
+        if copies:
+            src = np.zeros(self.C // SL.BLOCK, np.int32)
+            dst = np.full(self.C // SL.BLOCK, self._store.capacity, np.int32)  # = skip
+            for j, (i, b) in enumerate(copies):
+                src[j], dst[j] = i, b
+            self._pool = SL.save_blocks(self._cache, self._pool, np.int32(slot), src, dst)
+
+    def _start(self, slot: int, req: Request, out: dict[str, np.ndarray], row: int, start: int,
+               knobs: dict[str, np.ndarray], key: np.ndarray) -> None:
+        """Puts a prefilled request into its slot's decode row (out: the prefill's output, row: its
+        row there, start: the prefix it reused) and sends its token 0."""
+        p, n = req.params, len(req.prompt)
         req.prefix_hit = start
-        self._counts["prefill_tokens"] += len(new)
+        self._counts["prefill_tokens"] += n - start
         self._counts["prefix_hits"] += bool(start)
         self._counts["prefix_tokens_reused"] += start
         stops = np.full(SL.N_STOP, -1, np.int32)
         stops[: min(SL.N_STOP, len(p.stop_token_ids))] = p.stop_token_ids[: SL.N_STOP]
+        token = int(out["token"][row])
         with self._cv:
             self._running[slot] = req
             r = self._rows
-            r["token"][slot], r["pos"][slot], r["t"][slot] = out["token"][0], n, 0
+            r["token"][slot], r["pos"][slot], r["t"][slot] = token, n, 0
             r["remaining"][slot], r["stops"][slot], r["key"][slot] = p.max_tokens - 1, stops, key
             for k in ROW_KNOBS:
                 r[k][slot] = knobs[k]
             r["active"][slot] = p.max_tokens > 1
             self._dirty = True
-        self._deliver(req, [int(out["token"][0])], out, 0)
+        self._deliver(req, [token], out, row)
 
     def _chunk(self) -> None:
         """Dispatches one compiled decode chunk for the active slots (a power-of-two bucket of
@@ -405,60 +465,12 @@ class Engine:
         self._counts["tokens_total"] += made
         self._recent.append((time.perf_counter(), made, len(chunk["act"]) / self.slots))
 
-    # -- the host side of each token: stops, text, events ----------------------------------------
-
     def _deliver(self, req: Request, toks: list[int], out: dict[str, np.ndarray], row: int) -> None:
-        """Adds a request's new tokens (out: the device call's output, row: its row there) and
-        sends an Event; finishes the request on a stop token, a stop string or its budget."""
-        p = req.params
-        ids, reason, cut = [], None, None
-        for tok in toks:
-            ids.append(tok)
-            req.generated.append(tok)
-            if tok in p.stop_token_ids:
-                reason = "stop"
-                break
-            if p.stop:
-                text = self.tokenizer.decode(req.generated)
-                hits = [i for i in (text.find(s, max(0, req.text_sent - len(s))) for s in p.stop) if i >= 0]
-                if hits:
-                    reason, cut = "stop", text[: min(hits)]
-                    break
-            if len(req.generated) >= p.max_tokens:
-                reason = "length"
-                break
-        text = self._text(req, reason, cut)
-        logprobs = None
-        if p.logprobs is not None:
-            lp, top_ids, top_lp = out["logprob"], out["top_ids"], out["top_logprobs"]
-            if lp.ndim == 1:  # prefill: one token, no step axis
-                lp, top_ids, top_lp = lp[:, None], top_ids[:, None], top_lp[:, None]
-            logprobs = tuple(TokenLogprob(tok, float(lp[row, j]), tuple(
-                (int(top_ids[row, j, m]), float(top_lp[row, j, m])) for m in range(p.logprobs)))
-                for j, tok in enumerate(ids))
-        done = reason is not None
-        req._push(Event(token_ids=tuple(ids), text=text, logprobs=logprobs, finish_reason=reason,
-                        prompt_tokens=req.prompt_tokens if done else 0,
-                        completion_tokens=len(req.generated) if done else 0,
-                        prefix_hit=req.prefix_hit if req.first else 0))
+        """Sends req the Event for its new tokens (stops.token_event: out is the device call's
+        output, row its row there) and finishes it on a stop token, a stop string or its budget."""
+        ev = token_event(req, toks, out, row, self.tokenizer)
+        req._push(ev)
         req.first = False
-        if done:
+        if ev.finish_reason is not None:
             self._counts["requests_finished"] += 1
-            self._finish(req, reason)
-
-    def _text(self, req: Request, reason: str | None, cut: str | None) -> str:
-        """The text that can be sent now: all of it at the end; before that, held back while it
-        ends in a partial UTF-8 character or could be the start of a stop string."""
-        if self.tokenizer is None:
-            return ""
-        if cut is not None:
-            full = cut
-        else:
-            ids = req.generated
-            if reason == "stop" and ids and ids[-1] in req.params.stop_token_ids:
-                ids = ids[:-1]  # a stop token is reported in token_ids, not in the text
-            full = self.tokenizer.decode(ids)
-        end = releasable(full, req.text_sent, req.params.stop, final=reason is not None)
-        piece = full[req.text_sent:end]
-        req.text_sent = max(req.text_sent, end)
-        return piece
+            self._finish(req, ev.finish_reason)

@@ -12,6 +12,11 @@ its own position instead, as in vLLM/JetStream), so learned positions and RoPE c
   into its slot at positions [start, start + P) (pad positions past C are dropped); each attends
   to the slot's [0, start) (a reused prefix) and causally within the new tokens. Returns the last
   real token's logits, its first sampled token (PRNG fold_in(key(seed), 0)) and logprobs.
+- `prefill_packed`: the whole prompts of several requests (none with a reused prefix) back to back
+  in one row of T tokens (a power-of-two bucket of their total, at most PACK_TOKENS unless one
+  longer prompt goes alone), each written into its own slot and attending only to itself: the
+  requests the scheduler admits together share one call with layer-sized matmuls instead of one
+  small call each (`plan_packs` groups them). Same outputs as `prefill`, one row per request.
 - `decode_chunk`: `steps` decode steps for all S slots in one jit call (a lax.while_loop that
   ends early once no slot is active). Every row has its own position, active flag, budget, stop
   ids, sampler values and PRNG stream (token t of a request draws from fold_in(key(seed), t), so
@@ -29,7 +34,9 @@ Compiled variants (each compiles once, then requests come and go without recompi
   decode_chunk: windows (log2(C/64) + 1) x batch buckets (1, 2, 4, ... up to S: the active
                 slots, padded) x sampler kinds (2: all greedy; per-row sampling) x logprobs (2);
   prefill:      prompt buckets (log2(next_pow2(max_seq_len)/8) + 1, always the per-row sampler
-                and logprobs: one row, cheap);
+                and logprobs: one row, cheap): requests with a reused prefix;
+  prefill_packed: pack buckets (log2(next_pow2(max(PACK_TOKENS, max_seq_len))/8) + 1; the rows
+                it samples are fixed by the bucket and the slots, `pack_rows`);
   save_blocks, load_blocks: 1 each (when the prefix store is on).
 `variant_counts` states these numbers for a config; Engine.stats() reports how many exist so far.
 """
@@ -90,7 +97,10 @@ def variant_counts(cfg: ModelConfig, slots: int) -> dict[str, int]:
     windows = C.bit_length() - MIN_WINDOW.bit_length() + 1
     batches = len({batch_bucket(n, slots) for n in range(1, slots + 1)})
     buckets = prefill_bucket(cfg.max_seq_len).bit_length() - MIN_PROMPT_BUCKET.bit_length() + 1
-    return {"decode_chunk": windows * batches * 2 * 2, "prefill": buckets, "save_blocks": 1, "load_blocks": 1}
+    packed = prefill_bucket(max(PACK_TOKENS, cfg.max_seq_len)).bit_length() - MIN_PROMPT_BUCKET.bit_length()
+    packed += 1
+    return {"decode_chunk": windows * batches * 2 * 2, "prefill": buckets, "prefill_packed": packed,
+            "save_blocks": 1, "load_blocks": 1}
 
 
 def new_cache(cfg: ModelConfig, slots: int, kv_cache_dtype: str | None) -> SlotCache:
@@ -148,6 +158,95 @@ def _prefill_attention(q: jax.Array, kview: jax.Array, vview: jax.Array, pos: ja
     probs = jax.nn.softmax(jnp.where(mask[None], scores, _NEG), axis=-1)
     out = jnp.einsum("nqc,nch->nqh", probs.astype(vview.dtype), vview)  # (K, G*P, H)
     return out.reshape(K, G, P, H).transpose(2, 0, 1, 3).reshape(1, P, N, H).astype(q.dtype)
+
+
+PACK_TOKENS = 512  # a packed prefill holds at most this many new tokens (one longer prompt goes alone)
+
+
+def pack_rows(T: int, slots: int) -> int:
+    """R: the requests a packed prefill of T tokens can carry (logit rows it samples): one per
+    MIN_PROMPT_BUCKET tokens, at most `slots`. A function of (T, slots) only, so each T bucket is
+    one executable."""
+    return max(1, min(slots, T // MIN_PROMPT_BUCKET))
+
+
+def plan_packs(lengths: list[int], slots: int) -> list[list[int]]:
+    """Groups requests (their new-token counts, in queue order) into packed prefills: consecutive
+    requests share a pack while its tokens fit PACK_TOKENS (or it is one longer request alone) and
+    its count fits pack_rows of its bucket. Returns the index lists, in order."""
+    packs: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(lengths):
+        if packs:
+            t, k = total + n, len(packs[-1]) + 1
+            if t <= PACK_TOKENS and k <= pack_rows(prefill_bucket(t), slots):
+                packs[-1].append(i)
+                total = t
+                continue
+        packs.append([i])
+        total = n
+    return packs
+
+
+def _pack_attention(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
+    """Causal attention inside each request of a pack. q (1, T, N, H), k, v (1, T, K, H); seg int32
+    (T,): token t sees tokens u <= t with seg[u] == seg[t] (its own request; padding has its own
+    seg). Returns (1, T, N, H)."""
+    _, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    qg = q[0].reshape(T, K, G, H).transpose(1, 2, 0, 3).reshape(K, G * T, H)  # row g*T + t
+    kk, vv = _heads_first(k), _heads_first(v)  # (K, T, H)
+    scores = jnp.einsum("nqh,nch->nqc", qg, kk, preferred_element_type=jnp.float32) * (H**-0.5)
+    idx = jnp.arange(T)
+    mask = (seg[None, :] == seg[:, None]) & (idx[None, :] <= idx[:, None])  # (T, T)
+    probs = jax.nn.softmax(jnp.where(jnp.tile(mask, (G, 1))[None], scores, _NEG), axis=-1)
+    out = jnp.einsum("nqc,nch->nqh", probs.astype(vv.dtype), vv)  # (K, G*T, H)
+    return out.reshape(K, G, T, H).transpose(2, 0, 1, 3).reshape(1, T, N, H).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(1,))
+def prefill_packed(params: Params, cache: SlotCache, tokens: jax.Array, slot: jax.Array, pos: jax.Array,
+                   last: jax.Array, knobs: dict[str, jax.Array], key_data: jax.Array, *,
+                   cfg: ModelConfig) -> tuple[SlotCache, dict[str, jax.Array]]:
+    """Several requests' whole prompts (no reused prefix) in one call, back to back in one row, each
+    written into its own slot: one set of weight reads and large matmuls for all of them, where one
+    call per request ran the layers at a few dozen rows each (vLLM and SARATHI pack prefills the
+    same way).
+
+    tokens: int32 (1, T) (T = prefill_bucket of the total); request r's tokens are a contiguous run;
+    slot: int32 (T,) each token's slot (distinct per request; padding tokens: any slot not in the
+    pack, or the pack's last one); pos: int32 (T,) each token's cache position (0, 1, ... within
+    its request; padding: >= C, dropped from the cache and masked from every real token);
+    last: int32 (R,) the pack index of each request's last token (R = pack_rows(T, S); rows past
+    the pack's requests repeat any index, their outputs are unused); knobs: each (R,); key_data:
+    uint32 (R, 2). Returns the cache (donated) and what `prefill` returns, with R rows.
+    """
+    T = tokens.shape[1]
+    K = cfg.kv_heads
+    C = cache_len(cfg)
+    real = pos < C
+    seg = jnp.where(real, slot, -1)  # padding tokens see only padding; no real token sees them
+    rows = slot[None, :] * K + jnp.arange(K, dtype=jnp.int32)[:, None]  # (K, T)
+    cols = jnp.broadcast_to(pos, (K, T))
+
+    def scatter(c, x):  # x (K, T, H) into c at (rows, cols); pos >= C is dropped
+        new = _cache_values(x, c)
+        return jax.tree.map(lambda a, n: a.at[rows, cols].set(n, mode="drop"), c, new)
+
+    def attend(q, k, v, layer_cache):
+        kc, vc = layer_cache
+        out = _pack_attention(q, k, v, seg)
+        return out, (scatter(kc, _heads_first(k)), scatter(vc, _heads_first(v)))
+
+    positions = jnp.minimum(pos, cfg.max_seq_len - 1)[None, :]  # (1, T)
+    x, cache = hidden_states(params, tokens, cfg, positions=positions, attend=attend, layer_states=cache)
+    logits = unembed(params, x[last], cfg)  # (R, V)
+    zero = jnp.zeros(last.shape, jnp.int32)
+    token = sample_rows(logits, _row_keys(key_data, zero), knobs, greedy_only=False)
+    lp, top_ids, top_lp = row_logprobs(logits, knobs["temperature"], token, N_TOP)
+    return cache, {"logits": logits, "token": token, "logprob": lp, "top_ids": top_ids,
+                   "top_logprobs": top_lp}
 
 
 def _view_dtype(c: Any) -> Any:
