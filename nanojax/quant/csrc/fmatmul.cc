@@ -222,9 +222,14 @@ void run_block(Tier tier, int mb, const float* x, int64_t ldx, const float* w, i
 // the next tile's rows (within w) at the same columns.
 void run_chain(const Fp32Problem& p, Tier tier, int64_t i0, int64_t i1, int64_t c0, int64_t ncols, float* acc,
                int64_t ldacc) {
+  // At M <= 2 on a wide matrix (kRows rows ahead is over 1 MiB: the 32000-wide head) the software
+  // prefetch costs more than it brings; the hardware streamer alone read the head ~13% faster,
+  // while the layer-sized matrices lost ~7% without it (docs/performance.md).
+  const bool prefetch = p.M > 2 || p.O * kRows * int64_t(sizeof(float)) <= (1 << 20);
   for (int64_t r0 = i0; r0 < i1; r0 += kRows) {
     const int64_t nr = std::min(kRows, i1 - r0);
-    const int64_t npf = std::clamp<int64_t>(p.I - kRows - r0, 0, nr);  // rows whose row + kRows exists
+    // rows of this tile whose row + kRows exists
+    const int64_t npf = prefetch ? std::clamp<int64_t>(p.I - kRows - r0, 0, nr) : 0;
     for (int64_t c = 0; c < ncols; c += kGroup) {
       const int64_t nc = std::min(kGroup, ncols - c);
       for (int64_t m = 0; m < p.M;) {
