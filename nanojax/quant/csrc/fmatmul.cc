@@ -28,7 +28,8 @@
 //    added to y right after.
 // Both walk their rows in tiles of kRows rows x kGroup columns: every register block of rows of x
 // passes over a tile while it is in L1, and the first pass prefetches the same columns of the
-// next tile (kRows rows further) into L2, so DRAM reads overlap the FMAs of the current tile.
+// next tile (kRows rows further) into L2, so DRAM reads overlap the FMAs of the current tile
+// (not at M <= 2 on a matrix as wide as the head: run_chain).
 // Register blocks are 8 rows x 3 zmm (AVX-512) down to 1 x 12; every loop over a block's rows and
 // vectors is unrolled, without which GCC 12 kept the accumulators in memory and stored them all
 // on every row of w (the earlier kernel's 4 x 4 block did).
@@ -56,8 +57,8 @@ namespace {
 
 constexpr int64_t kChunk = 128;     // input rows per summation chunk: part of the result's definition
 constexpr int64_t kMaxM = 32;       // rows of x per call (FP32_KERNEL_MAX_ROWS in ffi.py)
-constexpr int64_t kSplitMaxM = 4;   // up to this M the units always split the input rows, and above it
-constexpr int64_t kMaxPartial = 2 << 20;  // while the partial sums take at most these bytes (one L2)
+constexpr int64_t kSplitMaxM = 4;   // the row split always up to this M; above it only while
+constexpr int64_t kMaxPartial = 2 << 20;  // the partial sums take at most these bytes (one L2)
 constexpr int64_t kWide = 4096;     // widest column slab of the row-split form (16 KiB runs of a row)
 constexpr int64_t kMaxSlab = 1024;  // widest column slab of the column-split form
 constexpr int64_t kGroup = 192;     // columns per tile: 4 x 48, 3 x 64, 2 x 96, 1 x 192 (register blocks)
@@ -70,7 +71,9 @@ struct Fp32Problem {
   float* y;        // (M, O)
 };
 
-// One row of w into MB x NV accumulators: a[m][v] += x[m * ldx] * w[16 v ...].
+// One row of w into MB x NV accumulators: a[m][v] += x[m * ldx] * wr[16 v ...]. The loops over
+// m and v must unroll completely (hence the pragmas here and in block_avx512): otherwise GCC 12
+// kept `a` in memory and stored every accumulator on every row.
 template <int MB, int NV>
 __attribute__((target("avx512f,fma"), always_inline)) inline void row_avx512(__m512 (&a)[MB][NV],
                                                                              const __mmask16 (&mk)[NV],
@@ -106,16 +109,12 @@ __attribute__((target("avx512f,fma"))) void block_avx512(const float* x, int64_t
     #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
       a[m][v] = zero ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], acc + m * ldacc + 16 * v);
-  // Two loops (rows that prefetch, rows that do not) rather than a test per row: with the test
-  // inside, GCC kept the accumulators in memory and stored all of them on every row.
-  int64_t r = 0;
-  for (; r < npf; ++r) {
-    #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v)
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kRows) * ldw + 16 * v), _MM_HINT_T1);
+  for (int64_t r = 0; r < nrows; ++r) {
+    if (r < npf)
+      for (int v = 0; v < NV; ++v)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + kRows) * ldw + 16 * v), _MM_HINT_T1);
     row_avx512<MB, NV>(a, mk, x + r, ldx, w + r * ldw);
   }
-  for (; r < nrows; ++r) row_avx512<MB, NV>(a, mk, x + r, ldx, w + r * ldw);
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
     #pragma GCC unroll 16
