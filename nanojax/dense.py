@@ -85,7 +85,7 @@ def _local(w: jax.Array) -> bool:
 def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
     """Whether `matmul` sends x @ w to the fp32 CPU kernel (nanojax.quant.ffi.fp32_matmul).
 
-    Yes for a decode-sized product: x (M, I) with 1 <= M <= KERNEL_MAX_ROWS (16), x and w float32, the
+    Yes for a decode-sized product: x (M, I) with 1 <= M <= FP32_KERNEL_MAX_ROWS (32), x and w float32, the
     CPU backend with the kernels built, not under a sharded trace, w on one device. No under
     NANOJAX_NO_KERNELS=1, NANOJAX_FP32_KERNEL=0 (read at trace time) or `with fp32_kernel(False)`.
     XLA:CPU runs a layer-sized matrix-vector dot on one thread; the kernel splits it over both
@@ -95,7 +95,7 @@ def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
 
     if _FP32_KERNEL.value is False:
         return False
-    return (x.ndim == 2 and w.ndim == 2 and 1 <= x.shape[0] <= ffi.KERNEL_MAX_ROWS
+    return (x.ndim == 2 and w.ndim == 2 and 1 <= x.shape[0] <= ffi.FP32_KERNEL_MAX_ROWS
             and x.dtype == jnp.float32 and w.dtype == jnp.float32
             and ACTIVATION_CONSTRAINT.get() is None and _local(w)
             and ffi.fp32_kernel_enabled(force=_FP32_KERNEL.value is True))

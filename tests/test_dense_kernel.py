@@ -1,9 +1,10 @@
 """The fp32 small-M CPU kernel (nanojax/quant/csrc/fmatmul.cc) behind `nanojax.dense.matmul`.
 
 Oracles: a float64 numpy product, and a numpy emulation of the summation order the kernel promises
-(each output one fp32 accumulator taking fma(x[m, i], w[i, o]) for i = 0..I-1), which it must match
-bit for bit on every ISA; that order is what makes a row's result independent of M, the batch it is
-in and the thread count, which the serving engine's batch-vs-single greedy comparison relies on.
+(per output, an fp32 fma chain over each block of CHUNK input rows in order, the blocks' sums then
+added in order), which it must match bit for bit on every ISA; that order is what makes a row's
+result independent of M, the batch it is in and the thread count, which the serving engine's
+batch-vs-single greedy comparison relies on.
 """
 
 import warnings
@@ -27,26 +28,36 @@ def make(M, I, O, seed=0):
     return (rng.standard_normal((M, I)).astype(np.float32), rng.standard_normal((I, O)).astype(np.float32))
 
 
+CHUNK = 128  # csrc/fmatmul.cc kChunk: input rows per summation block
+
+
 def sequential_fma(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """(M, I) @ (I, O) as the kernel sums: per output, acc = fp32(acc + x_i * w_i) for i in order.
+    """(M, I) @ (I, O) as the kernel sums: per block of CHUNK input rows, c = fp32(c + x_i * w_i) for
+    i in order from c = 0; then y = fp32(y + c) block after block.
 
     x_i * w_i of two fp32 values is exact in float64 and the one rounding to fp32 after the add is
     then an fma (a float64 add rounds first; a double rounding that changes the fp32 result needs a
     float64 sum lying exactly on an fp32 tie, which these random inputs do not produce)."""
     x64, w64 = x.astype(np.float64), w.astype(np.float64)
-    acc = np.zeros((x.shape[0], w.shape[1]), np.float32)
-    for i in range(x.shape[1]):
-        acc = (acc.astype(np.float64) + x64[:, i:i + 1] * w64[i]).astype(np.float32)
-    return acc
+    y = None
+    for i0 in range(0, x.shape[1], CHUNK):
+        acc = np.zeros((x.shape[0], w.shape[1]), np.float32)
+        for i in range(i0, min(i0 + CHUNK, x.shape[1])):
+            acc = (acc.astype(np.float64) + x64[:, i:i + 1] * w64[i]).astype(np.float32)
+        y = acc if y is None else y + acc  # fp32 + fp32 in numpy: one rounding, as the kernel
+    return y
 
 
 def hlo(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
-# (M, I, O): O below one slab (64), O not a multiple of 16 or 8, I odd; M = 1 (decode), 2, 3 (a
-# block of 2 + 1), 8, 16 (blocks of 4); a wide O (several slabs per thread, ragged last slab).
-SHAPES = [(1, 37, 45), (2, 64, 7), (3, 19, 130), (8, 100, 300), (16, 33, 77), (1, 160, 1100)]
+# (M, I, O): O below one register block, O not a multiple of 16 or 8, I odd; M = 1 (decode), 2, 3
+# (a block of 2 + 1), 7 (4 + 2 + 1, or AVX-512 4 + 2 + 1 too), 13 (8 + 4 + 1), 32 (4 blocks of 8);
+# several summation chunks (I > 128, ragged last chunk) with M = 1 and 5 (row split, partial sums)
+# and M = 32 over a wide O (column split: partials above 2 MiB); a wide O at M = 1 (two slabs).
+SHAPES = [(1, 37, 45), (2, 64, 7), (3, 19, 130), (7, 100, 300), (13, 33, 77), (32, 40, 200),
+          (1, 300, 250), (5, 290, 97), (32, 260, 8300), (1, 130, 4200)]
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
@@ -65,18 +76,21 @@ def test_kernel_matches_numpy_and_its_summation_order(kernels, monkeypatch, isa,
 
 
 def test_rows_bit_identical_across_batch_and_threads(kernels, monkeypatch):
-    """A row's output is the same bits at M = 1, inside M = 3 / 8 / 16 batches, and with 1 or 2
-    threads (which also changes the slab width: O / 2 vs O / 4 columns per unit of work)."""
-    x, w = make(16, 96, 200, seed=1)
+    """A row's output is the same bits at M = 1, inside M = 3 / 8 / 16 / 32 batches, and with 1 or 2
+    threads, over three summation chunks (I = 300). At O = 9000, M = 32 takes the column split (its
+    partial sums would be 2.2 MB) and M <= 16 the row split; the thread count changes the column
+    split's slab width."""
+    x, w = make(32, 300, 9000, seed=1)
     f = jax.jit(ffi.fp32_matmul)
     outs = {}
     for threads in ("1", "2"):
         monkeypatch.setenv("NANOJAX_KERNEL_THREADS", threads)
-        outs[threads, 16] = np.asarray(f(x, w))
-        outs[threads, 8] = np.concatenate([np.asarray(f(x[i:i + 8], w)) for i in (0, 8)])
-        outs[threads, 3] = np.concatenate([np.asarray(f(x[i:i + 3], w)) for i in range(0, 15, 3)]
-                                          + [np.asarray(f(x[15:], w))])
-        outs[threads, 1] = np.concatenate([np.asarray(f(x[i:i + 1], w)) for i in range(16)])
+        outs[threads, 32] = np.asarray(f(x, w))
+        outs[threads, 16] = np.concatenate([np.asarray(f(x[i:i + 16], w)) for i in (0, 16)])
+        outs[threads, 8] = np.concatenate([np.asarray(f(x[i:i + 8], w)) for i in range(0, 32, 8)])
+        outs[threads, 3] = np.concatenate([np.asarray(f(x[i:i + 3], w)) for i in range(0, 30, 3)]
+                                          + [np.asarray(f(x[30:], w))])
+        outs[threads, 1] = np.concatenate([np.asarray(f(x[i:i + 1], w)) for i in range(32)])
     ref = outs["1", 1]
     for key, got in outs.items():
         np.testing.assert_array_equal(got, ref, err_msg=f"threads, M = {key}")
@@ -129,7 +143,8 @@ def test_when_xla_runs_instead(kernels, monkeypatch):
     """Large M, other dtypes, the switches and a sharded trace leave the product to XLA."""
     x, w = make(2, 16, 24)
     assert TARGET in hlo(dense.matmul, x, w)
-    assert TARGET not in hlo(dense.matmul, *make(ffi.KERNEL_MAX_ROWS + 1, 16, 24))  # prefill / training
+    assert TARGET in hlo(dense.matmul, *make(ffi.FP32_KERNEL_MAX_ROWS, 16, 24))  # the engine's 32 slots
+    assert TARGET not in hlo(dense.matmul, *make(ffi.FP32_KERNEL_MAX_ROWS + 1, 16, 24))  # prefill / training
     xb, wb = jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     assert TARGET not in hlo(dense.matmul, xb, wb)
     with dense.fp32_kernel(False):
@@ -186,8 +201,8 @@ def test_generate_greedy_tokens_unchanged(kernels):
     ((np.ones((1, 8, 2), np.float32), np.ones((8, 4), np.float32)), ValueError, r"need x \(M, I\)"),
     ((np.ones((1, 8), np.float32), np.ones((7, 4), np.float32)), ValueError, r"need x \(M, I\)"),
     ((np.ones((1, 8), np.float16), np.ones((8, 4), np.float32)), ValueError, "must be float32"),
-    ((np.ones((17, 8), np.float32), np.ones((8, 4), np.float32)), ValueError, "takes 1..16"),
-    ((np.ones((0, 8), np.float32), np.ones((8, 4), np.float32)), ValueError, "takes 1..16"),
+    ((np.ones((33, 8), np.float32), np.ones((8, 4), np.float32)), ValueError, "takes 1..32"),
+    ((np.ones((0, 8), np.float32), np.ones((8, 4), np.float32)), ValueError, "takes 1..32"),
 ])
 def test_bad_inputs(kernels, args, exc, match):
     with pytest.raises(exc, match=match):

@@ -41,6 +41,8 @@ from nanojax.quant import arrays as _layout
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("qmatmul.cc", "fmatmul.cc", "parallel.h", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
+# The fp32 kernel beats XLA's dot up to 32 rows (the serving engine's 8-32 slots; docs/performance.md).
+FP32_KERNEL_MAX_ROWS = 32
 CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # part of the cache key
 # activations="int8": on a CPU with AVX-512 VNNI the kernels round x to int8 per 32-element block and
 # multiply in integers (llama.cpp's q8_0 / q4_0 x q8_0 dots): 1.5-3x fewer instructions than widening
@@ -49,7 +51,7 @@ CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # part of the cache key
 # default "fp32" keeps the product exact to fp32 rounding, the same numbers as the pure-JAX path.
 KERNEL_ACTIVATIONS = os.environ.get("NANOJAX_KERNEL_ACTIVATIONS", "fp32")
 _TARGETS = {"int8": "nanojax_int8_matmul", "int4": "nanojax_int4_matmul"}
-_FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ fp32 w (I, O), M <= KERNEL_MAX_ROWS
+_FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ w (I, O), M <= FP32_KERNEL_MAX_ROWS
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
@@ -309,10 +311,11 @@ def fp32_kernel_enabled(force: bool = False) -> bool:
 
 
 def fp32_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (M, I) float32 @ w (I, O) float32 -> (M, O) float32, 1 <= M <= KERNEL_MAX_ROWS, on the CPU.
+    """x (M, I) float32 @ w (I, O) float32 -> (M, O) float32, 1 <= M <= FP32_KERNEL_MAX_ROWS, on the CPU.
 
-    w is read in place in its (I, O) layout. Each output is one fp32 sum over i = 0..I-1 in order
-    (fma), so a row's result does not depend on M, the batch it sits in or the thread count. It
+    w is read in place in its (I, O) layout. Each output is a fixed-order fp32 sum: an fma chain in
+    input order over each block of 128 input rows, the blocks' sums added in order (csrc/fmatmul.cc),
+    so a row's result does not depend on M, the batch it sits in or the thread count. It
     agrees with `x @ w` to fp32 rounding. Needs the kernels (`kernels_available()`); callers that
     want a fallback go through `nanojax.dense.matmul`, which picks XLA's dot when this cannot run.
     Under vmap the call runs once per mapped element (sequential).
@@ -323,8 +326,8 @@ def fp32_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise ValueError(f"fp32_matmul: x and w must be float32, got {x.dtype} and {w.dtype}; cast them, "
                          "or call x @ w for other dtypes")
-    if not 1 <= x.shape[0] <= KERNEL_MAX_ROWS:
-        raise ValueError(f"fp32_matmul: x has {x.shape[0]} rows, the kernel takes 1..{KERNEL_MAX_ROWS}; "
+    if not 1 <= x.shape[0] <= FP32_KERNEL_MAX_ROWS:
+        raise ValueError(f"fp32_matmul: x has {x.shape[0]} rows, the kernel takes 1..{FP32_KERNEL_MAX_ROWS}; "
                          "use x @ w for larger M (XLA's dot is faster there)")
     if not _load():
         raise RuntimeError(f"fp32_matmul: the CPU kernels are unavailable ({_state.get('why')}); build "
