@@ -62,6 +62,7 @@ from nanojax.infer.engine import (
     _write,
 )
 from nanojax.model import Params, hidden_states, rope_table, unembed
+from nanojax.quant import ffi
 from nanojax.sampling import row_logprobs, sample_rows
 
 SlotCache = list[tuple[Any, Any]]  # per layer (k, v): [S*K, C, H] arrays or Int8KV records
@@ -324,7 +325,7 @@ def prefill(params: Params, cache: SlotCache, tokens: jax.Array, slot: jax.Array
 
 
 def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], *, cfg: ModelConfig,
-                  steps: int, window: int, greedy_only: bool, logprobs: bool
+                  steps: int, window: int, greedy_only: bool, logprobs: bool, kernel: bool
                   ) -> tuple[SlotCache, dict[str, jax.Array]]:
     """Up to `steps` decode steps for S batch rows. rows (each leading dim S): slot int32 (the cache
     slot the row decodes; S is a power-of-two bucket of the active slots, padded with inactive
@@ -335,9 +336,11 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
     {"tokens": int32 (S, steps) (-1 where a row made none), "n": int32 (S,) tokens made, and with
     logprobs "logprob" (S, steps), "top_ids" int32 (S, steps, N_TOP), "top_logprobs"}, and
     "state": the rows' token, pos, t, active, remaining after the chunk (so the next chunk can
-    start from them on device, before the host has looked at this one)."""
+    start from them on device, before the host has looked at this one). kernel: attend with
+    ffi.decode_attention over the slot cache in place (`use_attention_kernel`), window unused."""
     S = rows["token"].shape[0]  # batch rows (a bucket of the active slots), not the cache's slots
     K = cfg.kv_heads
+    C = cache_len(cfg)
     knobs = {k: rows[k] for k in ("temperature", "top_k", "top_p", "min_p", "greedy")}
     zeros = jnp.zeros((S,), jnp.int32)
     out = {"tokens": jnp.full((S, steps), -1, jnp.int32), "n": zeros}
@@ -351,13 +354,20 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
         i, _, st, _ = carry
         return (i < steps) & jnp.any(st["active"])
 
-    # The rows' windows are copied out of the slot cache once per chunk, decoded in (each step
-    # writes its K/V into them and attends over them), and written back after the chunk: a copy
+    # With the CPU attention kernel (use_attention_kernel) each step writes its K/V straight into
+    # the slot cache and the kernel reads every row's own positions there. Otherwise the rows'
+    # windows are copied out of the slot cache once per chunk, decoded in (each step writes its K/V
+    # into them and XLA's batched dots attend over them), and written back after the chunk: a copy
     # per step cost batch 8 ~1.2x against engine.py's decode. window_for() makes the window hold
     # every position the chunk reaches (furthest + steps).
-    windows = [(_window_rows(kc, rows["slot"], K, window), _window_rows(vc, rows["slot"], K, window))
-               for kc, vc in cache]
-    w_rows = jnp.arange(S * K, dtype=jnp.int32)
+    if kernel:
+        windows = cache
+        w_rows = rows["slot"][:, None] * K + jnp.arange(K, dtype=jnp.int32)  # (S, K) cache rows
+        w_rows = w_rows.reshape(S * K)
+    else:
+        windows = [(_window_rows(kc, rows["slot"], K, window), _window_rows(vc, rows["slot"], K, window))
+                   for kc, vc in cache]
+        w_rows = jnp.arange(S * K, dtype=jnp.int32)
     # RoPE's cos/sin for every step of the chunk, made before the loop (engine.window_rope says
     # why): an active row feeds position pos + i at step i (inactive rows' outputs are unused).
     rope = None
@@ -368,12 +378,15 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
     def body(carry):
         i, windows, st, out = carry
         active, pos = st["active"], st["pos"]
-        # Inactive rows write at `window`: out of range, dropped, so a free slot is left alone.
-        cols = jnp.repeat(jnp.where(active, pos, window), K)[:, None]  # (S*K, 1)
+        # Inactive rows write out of range (dropped), so a free slot is left alone.
+        cols = jnp.repeat(jnp.where(active, pos, C if kernel else window), K)[:, None]  # (S*K, 1)
 
         def attend(q, k, v, layer_window):
             kw, vw = layer_window
             kw, vw = _put(kw, w_rows, cols, _heads_first(k)), _put(vw, w_rows, cols, _heads_first(v))
+            if kernel:  # every row over its own positions [0, pos], read from the cache in place
+                out = ffi.decode_attention(q[:, 0], kw, vw, rows["slot"], pos + 1, K)
+                return out[:, None].astype(q.dtype), (kw, vw)
             return _decode_attention(q, kw, vw, pos[:, None], zeros), (kw, vw)
 
         positions = jnp.minimum(pos, cfg.max_seq_len - 1)[:, None]  # (S, 1)
@@ -399,23 +412,40 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
         return i + 1, windows, st, out
 
     _, windows, st, out = jax.lax.while_loop(cond, body, (jnp.int32(0), windows, st, out))
+    if kernel:
+        return windows, dict(out, state=st)
     cache = [(_put_window_rows(kc, kw, rows["slot"], K), _put_window_rows(vc, vw, rows["slot"], K))
              for (kc, vc), (kw, vw) in zip(cache, windows, strict=True)]
     return cache, dict(out, state=st)
 
 
+def use_attention_kernel(cfg: ModelConfig, cache: SlotCache) -> bool:
+    """Whether decode_chunk attends with the CPU kernel (nanojax.quant.ffi.decode_attention): an fp32
+    cache (not Int8KV) on the CPU with the kernels' AVX-512 loop; NANOJAX_ATTN_KERNEL=0 turns it
+    off (read at trace time). XLA's batched dots over a window otherwise."""
+    kc = cache[0][0]
+    return (not isinstance(kc, Int8KV) and kc.dtype == jnp.float32
+            and ffi.attention_kernel_enabled(cfg.resolved_head_dim))
+
+
 @functools.cache
 def _decode_chunk_jit() -> Any:
     options = _CPU_DECODE_OPTIONS if jax.default_backend() == "cpu" else None
-    return jax.jit(_decode_chunk, static_argnames=("cfg", "steps", "window", "greedy_only", "logprobs"),
+    static = ("cfg", "steps", "window", "greedy_only", "logprobs", "kernel")
+    return jax.jit(_decode_chunk, static_argnames=static,
                    donate_argnums=(1,), compiler_options=options)
 
 
 def decode_chunk(params: Params, cache: SlotCache, rows: dict[str, Any], *, cfg: ModelConfig, steps: int,
                  window: int, greedy_only: bool, logprobs: bool) -> tuple[SlotCache, dict[str, jax.Array]]:
-    """The jitted `_decode_chunk` (cache donated; its docstring gives the shapes)."""
+    """The jitted `_decode_chunk` (cache donated; its docstring gives the shapes), attending with
+    the CPU kernel where `use_attention_kernel` says so (decided per call, so the switch works
+    between calls in one process)."""
+    kernel = use_attention_kernel(cfg, cache)
+    if kernel:  # the kernel reads each row's own positions: one executable for every window
+        window = cache_len(cfg)
     return _decode_chunk_jit()(params, cache, rows, cfg=cfg, steps=steps, window=window,
-                               greedy_only=greedy_only, logprobs=logprobs)
+                               greedy_only=greedy_only, logprobs=logprobs, kernel=kernel)
 
 
 @functools.partial(jax.jit, donate_argnums=(1,))

@@ -39,7 +39,8 @@ import numpy as np
 from nanojax.quant import arrays as _layout
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qmatmul.cc", "fmatmul.cc", "parallel.h", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed
+SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "parallel.h", "kernels_fp32.inc",
+           "kernels_vnni.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 # The fp32 kernel beats XLA's dot up to 32 rows (the serving engine's 8-32 slots; docs/performance.md).
 FP32_KERNEL_MAX_ROWS = 32
@@ -52,6 +53,7 @@ CXXFLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")  # part of the cache key
 KERNEL_ACTIVATIONS = os.environ.get("NANOJAX_KERNEL_ACTIVATIONS", "fp32")
 _TARGETS = {"int8": "nanojax_int8_matmul", "int4": "nanojax_int4_matmul"}
 _FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ w (I, O), M <= FP32_KERNEL_MAX_ROWS
+_ATTN_TARGET = "nanojax_decode_attention"  # csrc/dattn.cc: one query per row over the slot cache
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
@@ -169,6 +171,10 @@ def _load() -> bool:
                     fn = lib.NjInt8Matmul if scheme == "int8" else lib.NjInt4Matmul
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
                 jax.ffi.register_ffi_target(_FP32_TARGET, jax.ffi.pycapsule(lib.NjFp32Matmul), platform="cpu")
+                jax.ffi.register_ffi_target(_ATTN_TARGET, jax.ffi.pycapsule(lib.NjDecodeAttention),
+                                            platform="cpu")
+                lib.nj_attn_vector_bits.restype = ctypes.c_int
+                lib.nj_attn_vector_bits.argtypes = [ctypes.c_int64]
                 lib.nj_quant_vector_bits.restype = ctypes.c_int
                 lib.nj_fp32_vector_bits.restype = ctypes.c_int
                 bits = lib.nj_quant_vector_bits()
@@ -335,3 +341,40 @@ def fp32_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     call = jax.ffi.ffi_call(_FP32_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
                             vmap_method="sequential")
     return call(x, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode attention over the serving engine's slot cache (csrc/dattn.cc), behind infer/slots.py.
+
+
+def attention_kernel_enabled(head_dim: int) -> bool:
+    """Whether infer/slots.py's decode may use `decode_attention`: the CPU backend, the library
+    loaded, its AVX-512 loop for this head size (elsewhere XLA's batched dots stay: the scalar loop
+    is for tests), and NANOJAX_ATTN_KERNEL not "0" (read at trace time)."""
+    if os.environ.get("NANOJAX_ATTN_KERNEL", "1") in ("0", "false", "no", "off"):
+        return False
+    return jax.default_backend() == "cpu" and _load() and _state["lib"].nj_attn_vector_bits(head_dim) == 512
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, lens: jax.Array,
+                     kv_heads: int) -> jax.Array:
+    """One query per row over its own slot of the cache, on the CPU.
+
+    q float32 (R, N, H); k, v float32 (S*K, C, H) (K = kv_heads; slot s's kv head j is row s*K + j),
+    read in place; rows int32 (R,): each query row's slot; lens int32 (R,): it attends to cache
+    positions [0, lens[r]) (clamped to [1, C]). Query head n uses kv head n // (N / K). Returns
+    float32 (R, N, H) = softmax(q k^T / sqrt(H)) v per row and head; a row's result does not depend
+    on the other rows. Needs the kernels (`kernels_available()`).
+    """
+    R, N, H = q.shape
+    if k.ndim != 3 or k.shape != v.shape or k.shape[2] != H or N % kv_heads or k.shape[0] % kv_heads:
+        raise ValueError(f"decode_attention: need q (R, N, H) and k, v (S*K, C, H) with K = kv_heads "
+                         f"({kv_heads}) dividing N and S*K; got {q.shape}, {k.shape}, {v.shape}")
+    if q.dtype != jnp.float32 or k.dtype != jnp.float32 or v.dtype != jnp.float32:
+        raise ValueError(f"decode_attention: q, k and v must be float32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not _load():
+        raise RuntimeError(f"decode_attention: the CPU kernels are unavailable ({_state.get('why')}); build "
+                           "them with `make kernels`")
+    call = jax.ffi.ffi_call(_ATTN_TARGET, jax.ShapeDtypeStruct((R, N, H), jnp.float32),
+                            vmap_method="sequential")
+    return call(q, k, v, rows.astype(jnp.int32), lens.astype(jnp.int32), kv_heads=np.int64(kv_heads))
