@@ -94,7 +94,7 @@ def _start_server():
               f"{cfg.d_model}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}", flush=True)
         params = nj.init_params(cfg, jax.random.key(0))
     engine = Engine(params, cfg, tok, slots=FLAGS.slots, max_queue=max(64, 2 * FLAGS.clients),
-                    chunk_size=FLAGS.chunk_size)
+                    chunk_size=FLAGS.chunk_size).warm_up()  # every bucket: no compile in a timed pass
     server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, FLAGS.model_name), host="127.0.0.1",
                                            port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -35,6 +35,8 @@ flags.DEFINE_integer("chunk_size", 8, "Decode steps per compiled call; requests 
 flags.DEFINE_integer("prefix_cache_tokens", 8192, "Tokens of prompt-prefix KV kept for reuse (0: off).")
 flags.DEFINE_string("model_name", None, "The model id clients send (default: the directory's name).")
 flags.DEFINE_string("chat_template", None, "A jinja2 chat template file, overriding the model's own.")
+flags.DEFINE_bool("warm_up", False, "Compile every prefill and decode bucket before serving (warm_up): "
+                  "a slower start, no request waits for a compile.")
 flags.DEFINE_float("drain_timeout", 30.0, "Seconds Ctrl-C waits for running requests before cancelling.")
 FLAGS = flags.FLAGS
 
@@ -76,6 +78,9 @@ def main(argv):
     engine = Engine(params, m.cfg, m.tokenizer, slots=FLAGS.slots, max_queue=FLAGS.max_queue,
                     chunk_size=FLAGS.chunk_size, prefix_cache_tokens=FLAGS.prefix_cache_tokens,
                     kv_cache_dtype=FLAGS.kv_cache_dtype)
+    if FLAGS.warm_up:
+        print("compiling every prefill and decode bucket (--warm_up) ...", flush=True)
+        engine.warm_up()
     app = create_app(engine, m.tokenizer, name, chat_template=template, stop_token_ids=m.stop_token_ids,
                      prompt_prefix=m.prompt_prefix, max_context=m.cfg.max_seq_len, manage_engine=False)
     print(f"serving {name!r} on http://{FLAGS.host}:{FLAGS.port}/v1 ({FLAGS.slots} slots); Ctrl-C stops",

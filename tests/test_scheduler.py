@@ -150,6 +150,27 @@ def test_prefill_packed_logits_equal_forward_per_request(params):
     assert np.abs(k1[:, 0]).sum() > 0 and not np.any(k1[:, 1:])
 
 
+@pytest.mark.slow  # ~15 compiles (every prefill and decode bucket): ~30 s
+def test_warm_up_compiles_everything_requests_then_meet(params):
+    eng = Engine(params, CFG, TOK, slots=2, max_queue=8, chunk_size=4, prefix_cache_tokens=64).warm_up()
+    before = eng.stats()["executables_by_fn"]
+    eng.start()
+    try:
+        prompts = _prompts(13, [5, 40, 17, 2])
+        reqs = [eng.submit(p, greedy(m)) for p, m in zip(prompts, [6, 3, 9, 4], strict=True)]
+        sampled = SamplingParams(max_tokens=5, temperature=0.9, seed=3)
+        reqs.append(eng.submit(prompts[1][:33] + [1, 2], sampled))
+        outs = [_collect(r)[0] for r in reqs]
+        after = eng.stats()
+    finally:
+        eng.shutdown(drain=False, timeout=30)
+    assert outs[:4] == _oracle(params, prompts, [6, 3, 9, 4]) and len(outs[4]) == 5
+    assert after["prefix_hits"] == 1  # the prefix-reusing prefill ran too
+    assert after["executables_by_fn"] == before
+    with pytest.raises(RuntimeError, match="before start"):
+        eng.warm_up()
+
+
 def test_plan_packs_keeps_order_and_fills_packs():
     lengths = [5, 19, 1, 33, 300, 2, 600, 1, 1, 1, 1, 120, 120, 120, 120, 60]
     packs = SL.plan_packs(lengths, slots=8)

@@ -115,6 +115,51 @@ class Engine:
                 self._thread.start()
         return self
 
+    def warm_up(self) -> Engine:
+        """Compiles, before start(), every prefill (packed and prefix-reusing) bucket and every decode
+        batch bucket (all-greedy and per-row sampling; every window without the attention kernel),
+        so no request waits for a compile later (logprobs variants still compile on first use).
+        Runs them on dummy rows that write nothing a request reads (positions past the cache, or a
+        free slot). Returns self."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up() must run before start(): the device thread owns the cache")
+        if self._cache is None:
+            self._reset_device()
+        cfg, S, C = self.cfg, self.slots, self.C
+        knobs = row_knobs(1.0, None, None, None, cfg.vocab_size)
+        top = SL.prefill_bucket(max(SL.PACK_TOKENS, cfg.max_seq_len))
+        T = SL.prefill_bucket(1)
+        while T <= top:
+            R = SL.pack_rows(T, S)
+            rk = {k: np.stack([v] * R) for k, v in knobs.items()}
+            self._cache, out = SL.prefill_packed(
+                self.params, self._cache, np.zeros((1, T), np.int32), np.zeros(T, np.int32),
+                np.full(T, C, np.int32), np.zeros(R, np.int32), rk, np.zeros((R, 2), np.uint32), cfg=cfg)
+            if T <= SL.prefill_bucket(cfg.max_seq_len):
+                self._cache, out = SL.prefill(
+                    self.params, self._cache, np.zeros((1, T), np.int32), np.int32(0), np.int32(0),
+                    np.int32(1), {k: v[None] for k, v in knobs.items()}, np.zeros((1, 2), np.uint32), cfg=cfg)
+            jax.block_until_ready(out)
+            T *= 2
+        if self._store is not None:  # the prefix copies: into free slot 0, and nowhere (dst = skip)
+            ids = np.zeros(C // SL.BLOCK, np.int32)
+            self._cache = SL.load_blocks(self._cache, self._pool, np.int32(0), ids)
+            skip = np.full(C // SL.BLOCK, self._store.capacity, np.int32)
+            self._pool = SL.save_blocks(self._cache, self._pool, np.int32(0), ids, skip)
+        windows = sorted({SL.window_for(p, self.chunk_size, C) for p in range(C)})
+        for b in sorted({SL.batch_bucket(n, S) for n in range(1, S + 1)}):
+            rows = {k: jnp.asarray(v[:b]) for k, v in self._rows.items()}  # all inactive: no step runs
+            rows["slot"] = jnp.arange(b, dtype=jnp.int32)
+            for window in windows:
+                for greedy in (True, False):
+                    self._cache, out = SL.decode_chunk(self.params, self._cache, rows, cfg=cfg,
+                                                       steps=self.chunk_size, window=window,
+                                                       greedy_only=greedy, logprobs=False)
+                jax.block_until_ready(out["n"])
+                if SL.use_attention_kernel(cfg, self._cache):
+                    break  # one executable for every window
+        return self
+
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Request:
         """Queues a request. ValueError for bad input (the message says what to change),
         QueueFull when max_queue requests wait, EngineStopped after shutdown()."""
@@ -210,7 +255,8 @@ class Engine:
         return reqs
 
     def _loop(self) -> None:
-        self._reset_device()
+        if self._cache is None:  # warm_up() may have made it
+            self._reset_device()
         while self._step():
             pass
 
