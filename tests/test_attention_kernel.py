@@ -61,8 +61,9 @@ def test_decode_attention_refuses_bad_shapes(kernels):
         kernels.decode_attention(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k), jnp.asarray(v), rows, lens, K)
 
 
-def test_engine_tokens_equal_generate_with_the_kernel_and_without(kernels, monkeypatch):
-    # Head size 16: the kernel's AVX-512 loop where the CPU has it (checked), else XLA's dots both times.
+def test_engine_tokens_equal_generate_through_the_kernel(kernels):
+    # Head size 16: the kernel's AVX-512 loop where the CPU has it (checked); tests/test_scheduler.py's
+    # engine (head size 8) runs XLA's window path against the same oracle.
     from conftest import np_params
 
     import nanojax as nj
@@ -77,13 +78,11 @@ def test_engine_tokens_equal_generate_with_the_kernel_and_without(kernels, monke
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 21, 9)]
     want = nj.generate(params, cfg, prompts, max_new_tokens=12)
     avx512 = kernels.kernels_info()["vector_bits"] == 512
-    for flag in ("1", "0"):
-        monkeypatch.setenv("NANOJAX_ATTN_KERNEL", flag)
-        assert SL.use_attention_kernel(cfg, SL.new_cache(cfg, 1, None)) == (flag == "1" and avx512)
-        eng = Engine(params, cfg, None, slots=2, max_queue=8, chunk_size=4, prefix_cache_tokens=0).start()
-        try:
-            reqs = [eng.submit(p, SamplingParams(max_tokens=12, temperature=0.0)) for p in prompts]
-            got = [[t for ev in r for t in ev.token_ids] for r in reqs]
-        finally:
-            eng.shutdown(drain=False, timeout=30)
-        assert got == [list(w) for w in want], f"NANOJAX_ATTN_KERNEL={flag}"
+    assert SL.use_attention_kernel(cfg, SL.new_cache(cfg, 1, None)) == avx512
+    eng = Engine(params, cfg, None, slots=2, max_queue=8, chunk_size=4, prefix_cache_tokens=0).start()
+    try:
+        reqs = [eng.submit(p, SamplingParams(max_tokens=12, temperature=0.0)) for p in prompts]
+        got = [[t for ev in r for t in ev.token_ids] for r in reqs]
+    finally:
+        eng.shutdown(drain=False, timeout=30)
+    assert got == [list(w) for w in want]

@@ -141,8 +141,12 @@ def test_prefill_packed_logits_equal_forward_per_request(params):
     knobs = {k: np.stack([v] * len(last)) for k, v in knobs.items()}
     keys = np.zeros((len(last), 2), np.uint32)
     cache, out = SL.prefill_packed(params, cache, tokens, slot, pos, last, knobs, keys, cfg=CFG)
+    padded = np.zeros((len(prompts), 12), np.int32)  # right padding: causal, so it changes no real logit
     for j, p in enumerate(prompts):
-        want = np.asarray(nj.forward(params, np.asarray([p]), CFG))[0, -1]
+        padded[j, :len(p)] = p
+    full = np.asarray(nj.forward(params, padded, CFG))
+    for j, p in enumerate(prompts):
+        want = full[j, len(p) - 1]
         np.testing.assert_allclose(np.asarray(out["logits"][j]), want, rtol=2e-5, atol=2e-5)
         assert int(out["token"][j]) == int(np.argmax(want))
     # Slot 1 holds one token: position 0 written, the rest of its row still zero (padding dropped).
