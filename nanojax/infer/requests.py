@@ -1,14 +1,19 @@
 """The request side of the continuous-batching engine (infer/scheduler.py): what a caller
 submits (SamplingParams), gets back (Request, whose Events it iterates or streams) and the
-errors submit() raises. Names and meanings are the CONTRACT in scheduler.py's docstring, which
-re-exports all of them."""
+errors submit() raises; `validate` is what submit() checks. Names and meanings are the CONTRACT
+in scheduler.py's docstring, which re-exports all of them."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from nanojax.config import ModelConfig
+from nanojax.sampling import check_sampling
 
 
 class QueueFull(RuntimeError):
@@ -151,3 +156,38 @@ class Request:
         """Ends the request ("cancelled"); its slot is free before the engine's next decode chunk."""
         self.cancelled = True
         self._wake()
+
+
+def validate(prompt_ids: Any, p: SamplingParams, cfg: ModelConfig, has_tokenizer: bool,
+             max_logprobs: int) -> tuple[list[int], int]:
+    """What Engine.submit checks before queueing: the prompt's token ids (a list of ints) and the
+    seed to use (p.seed mod 2**32, or a random one). ValueError naming the field and the fix."""
+    from nanojax.infer.generate import _check_ids  # here: generate imports stops, which imports this module
+
+    if not isinstance(p, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(p).__name__}")
+    if isinstance(prompt_ids, str):
+        raise ValueError("the prompt must be token ids, not text: encode it with the tokenizer first")
+    prompt = _check_ids(list(prompt_ids), cfg.vocab_size, "the prompt")
+    if not prompt:
+        raise ValueError("the prompt is empty: it needs at least one token")
+    if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1, got {p.max_tokens!r}")
+    if len(prompt) + p.max_tokens > cfg.max_seq_len:
+        room = cfg.max_seq_len - len(prompt)
+        fix = f"lower max_tokens to {room}" if room >= 1 else "shorten the prompt"
+        raise ValueError(f"the prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                         f"context of {cfg.max_seq_len} tokens; {fix}")
+    check_sampling(p.temperature, p.top_k, p.top_p, p.min_p, None, cfg.vocab_size)
+    _check_ids(list(p.stop_token_ids), cfg.vocab_size, "stop_token_ids")
+    if isinstance(p.stop, str) or not all(isinstance(s, str) and s for s in p.stop):
+        raise ValueError(f"stop must be a tuple of non-empty strings, got {p.stop!r}")
+    if p.stop and not has_tokenizer:
+        raise ValueError("stop strings need text: this engine was built without a tokenizer")
+    if p.logprobs is not None and (isinstance(p.logprobs, bool) or not isinstance(p.logprobs, int)
+                                   or not 0 <= p.logprobs <= max_logprobs):
+        raise ValueError(f"logprobs must be None or an int in [0, {max_logprobs}], got {p.logprobs!r}")
+    if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int)):
+        raise ValueError(f"seed must be an int or None, got {p.seed!r}")
+    seed = random.getrandbits(32) if p.seed is None else p.seed % 2**32
+    return prompt, seed

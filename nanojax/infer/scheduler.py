@@ -23,7 +23,6 @@ chunk in infer/slots.py; the prefix store's bookkeeping in infer/prefix.py.
 from __future__ import annotations
 
 import collections
-import random
 import threading
 import time
 from collections.abc import Sequence
@@ -36,12 +35,19 @@ import numpy as np
 from nanojax.config import ModelConfig
 from nanojax.infer import slots as SL
 from nanojax.infer.engine import KV_CACHE_DTYPES
-from nanojax.infer.generate import _check_ids
 from nanojax.infer.prefix import PrefixStore
-from nanojax.infer.requests import EngineStopped, Event, QueueFull, Request, SamplingParams, TokenLogprob
+from nanojax.infer.requests import (
+    EngineStopped,
+    Event,
+    QueueFull,
+    Request,
+    SamplingParams,
+    TokenLogprob,
+    validate,
+)
 from nanojax.infer.stops import token_event
 from nanojax.model import Params
-from nanojax.sampling import ROW_KNOBS, check_sampling, row_knobs
+from nanojax.sampling import ROW_KNOBS, row_knobs
 
 __all__ = ["Engine", "EngineStopped", "Event", "QueueFull", "Request", "SamplingParams", "TokenLogprob"]
 
@@ -164,7 +170,7 @@ class Engine:
         """Queues a request. ValueError for bad input (the message says what to change),
         QueueFull when max_queue requests wait, EngineStopped after shutdown()."""
         params = SamplingParams() if params is None else params
-        prompt, seed = self._validate(prompt_ids, params)
+        prompt, seed = validate(prompt_ids, params, self.cfg, self.tokenizer is not None, MAX_LOGPROBS)
         with self._cv:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down; it takes no new requests")
@@ -209,38 +215,6 @@ class Engine:
                 req._push(Event(finish_reason="cancelled", prompt_tokens=req.prompt_tokens))
         else:
             thread.join(timeout)
-
-    # -- validation -----------------------------------------------------------------------------
-
-    def _validate(self, prompt_ids: Any, p: SamplingParams) -> tuple[list[int], int]:
-        cfg = self.cfg
-        if not isinstance(p, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(p).__name__}")
-        if isinstance(prompt_ids, str):
-            raise ValueError("the prompt must be token ids, not text: encode it with the tokenizer first")
-        prompt = _check_ids(list(prompt_ids), cfg.vocab_size, "the prompt")
-        if not prompt:
-            raise ValueError("the prompt is empty: it needs at least one token")
-        if isinstance(p.max_tokens, bool) or not isinstance(p.max_tokens, int) or p.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {p.max_tokens!r}")
-        if len(prompt) + p.max_tokens > cfg.max_seq_len:
-            room = cfg.max_seq_len - len(prompt)
-            fix = f"lower max_tokens to {room}" if room >= 1 else "shorten the prompt"
-            raise ValueError(f"the prompt ({len(prompt)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
-                             f"context of {cfg.max_seq_len} tokens; {fix}")
-        check_sampling(p.temperature, p.top_k, p.top_p, p.min_p, None, cfg.vocab_size)
-        _check_ids(list(p.stop_token_ids), cfg.vocab_size, "stop_token_ids")
-        if isinstance(p.stop, str) or not all(isinstance(s, str) and s for s in p.stop):
-            raise ValueError(f"stop must be a tuple of non-empty strings, got {p.stop!r}")
-        if p.stop and self.tokenizer is None:
-            raise ValueError("stop strings need text: this engine was built without a tokenizer")
-        if p.logprobs is not None and (isinstance(p.logprobs, bool) or not isinstance(p.logprobs, int)
-                                       or not 0 <= p.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {p.logprobs!r}")
-        if p.seed is not None and (isinstance(p.seed, bool) or not isinstance(p.seed, int)):
-            raise ValueError(f"seed must be an int or None, got {p.seed!r}")
-        seed = random.getrandbits(32) if p.seed is None else p.seed % 2**32
-        return prompt, seed
 
     # -- the device thread ----------------------------------------------------------------------
 
