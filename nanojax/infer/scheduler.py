@@ -322,25 +322,25 @@ class Engine:
         first), the others packed into as few calls as SL.plan_packs allows."""
         fresh = []
         for slot, req in admit:
-            if self._store is not None and self._store.lookup(req.prompt, (len(req.prompt) - 1) // SL.BLOCK):
-                self._guard([req], self._admit, slot, req)
+            # Whole blocks only, leaving >= 1 token to prefill.
+            n_blocks = (len(req.prompt) - 1) // SL.BLOCK
+            hit = [] if self._store is None else self._store.lookup(req.prompt, n_blocks)
+            if hit:
+                self._guard([req], self._admit, slot, req, hit)
             else:
                 fresh.append((slot, req))
         for pack in SL.plan_packs([len(req.prompt) for _, req in fresh], self.slots):
             items = [fresh[i] for i in pack]
             self._guard([req for _, req in items], self._admit_pack, items)
 
-    def _admit(self, slot: int, req: Request) -> None:
-        """Prefills req into `slot` after copying its longest cached prefix, and sends token 0."""
-        prompt, n = req.prompt, len(req.prompt)
-        hit: list[int] = []
-        if self._store is not None:
-            hit = self._store.lookup(prompt, max_blocks=(n - 1) // SL.BLOCK)  # prefill >= 1 token
+    def _admit(self, slot: int, req: Request, hit: list[int]) -> None:
+        """Prefills req into `slot` after copying its cached prefix in (hit: the pool blocks
+        holding it, from the store's lookup, which leaves >= 1 token to prefill), and sends token 0."""
+        prompt = req.prompt
         start = len(hit) * SL.BLOCK
-        if hit:
-            ids = np.zeros(self.C // SL.BLOCK, np.int32)
-            ids[: len(hit)] = hit
-            self._cache = SL.load_blocks(self._cache, self._pool, np.int32(slot), ids)
+        ids = np.zeros(self.C // SL.BLOCK, np.int32)
+        ids[: len(hit)] = hit
+        self._cache = SL.load_blocks(self._cache, self._pool, np.int32(slot), ids)
         new = prompt[start:]
         tokens = np.zeros((1, SL.prefill_bucket(len(new))), np.int32)
         tokens[0, : len(new)] = new
