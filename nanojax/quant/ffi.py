@@ -308,10 +308,15 @@ def int4_matmul_reference(x: jax.Array, q: jax.Array, scale: jax.Array, group_si
 # The fp32 product for small M (csrc/fmatmul.cc), behind nanojax.dense.matmul.
 
 
+def _switched_off(var: str) -> bool:
+    """Whether the environment variable var turns a kernel off ("0", "false", "no" or "off")."""
+    return os.environ.get(var, "1") in ("0", "false", "no", "off")
+
+
 def fp32_kernel_enabled(force: bool = False) -> bool:
     """Whether `nanojax.dense.matmul` may route small-M fp32 products to the kernel: the CPU backend,
     the library loaded, and NANOJAX_FP32_KERNEL not "0" (unless `force`: dense.fp32_kernel(True))."""
-    if not force and os.environ.get("NANOJAX_FP32_KERNEL", "1") in ("0", "false", "no", "off"):
+    if not force and _switched_off("NANOJAX_FP32_KERNEL"):
         return False
     return jax.default_backend() == "cpu" and _load()
 
@@ -350,8 +355,8 @@ def fp32_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 def attention_kernel_enabled(head_dim: int) -> bool:
     """Whether infer/slots.py's decode may use `decode_attention`: the CPU backend, the library
     loaded, its AVX-512 loop for this head size (elsewhere XLA's batched dots stay: the scalar loop
-    is for tests), and NANOJAX_ATTN_KERNEL not "0" (read at trace time)."""
-    if os.environ.get("NANOJAX_ATTN_KERNEL", "1") in ("0", "false", "no", "off"):
+    is for tests), and NANOJAX_ATTN_KERNEL not "0" (read at each decode_chunk call)."""
+    if _switched_off("NANOJAX_ATTN_KERNEL"):
         return False
     return jax.default_backend() == "cpu" and _load() and _state["lib"].nj_attn_vector_bits(head_dim) == 512
 
