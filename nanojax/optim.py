@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -65,3 +66,45 @@ def make_optimizer(
         optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     )
     return optax.chain(*chain)
+
+
+def fused_adamw(
+    schedule: optax.Schedule,
+    *,
+    weight_decay: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.95,
+    eps: float = 1e-8,
+    grad_clip: float = 1.0,
+    mask: Any = decay_mask,
+) -> Callable[..., tuple[Any, Any]]:
+    """`make_optimizer`'s update with the same arguments, as one CPU kernel call for the whole tree.
+
+    Returns update(params, grads, opt_state, grad_norm, ok) -> (params, opt_state): what
+    `optimizer.update` + `optax.apply_updates` + keeping the old state unless `ok` give, on the
+    optimizer state `make_optimizer(...).init` made (so checkpoints and resumes do not care which
+    ran), updated in place (csrc/adamw.cc: one pass over params, moments and gradients, where XLA
+    makes ~17; docs/performance.md, Training). float32 leaves on the CPU with the kernels built
+    only (`adamw_kernel_enabled`). grad_norm: the gradients' global norm (what the clip uses).
+    """
+    from nanojax.quant import ffi
+
+    def update(params, grads, opt_state, grad_norm, ok):
+        leaves, treedef = jax.tree.flatten(params)
+        mu, nu = optax.tree_utils.tree_get(opt_state, "mu"), optax.tree_utils.tree_get(opt_state, "nu")
+        decays = jax.tree.leaves(mask(params) if callable(mask) else mask)
+        # Both counters (Adam's, the schedule's) move together; the first is Adam's.
+        count = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
+        count_inc = optax.safe_increment(count)
+        hyper = jnp.stack([jnp.asarray(v, jnp.float32) for v in (
+            schedule(count), b1, 1 - b1, b2, 1 - b2, eps, 1 - b1 ** count_inc, 1 - b2 ** count_inc,
+            grad_norm, grad_clip if grad_clip and grad_clip > 0 else jnp.inf, ok)])
+        decay = jnp.asarray([weight_decay if d else 0.0 for d in decays], jnp.float32)
+        new_p, new_mu, new_nu = ffi.adamw(hyper, decay, leaves, treedef.flatten_up_to(mu),
+                                          treedef.flatten_up_to(nu), jax.tree.leaves(grads))
+        state = optax.tree_utils.tree_set(
+            opt_state, mu=treedef.unflatten(new_mu), nu=treedef.unflatten(new_nu),
+            count=jnp.where(ok, count_inc, count))
+        return treedef.unflatten(new_p), state
+
+    return update

@@ -1,6 +1,8 @@
 """The optimizer: make_optimizer against optax.adamw with a decay mask written out here and against
-AdamW written out in numpy; which leaves decay; the learning-rate schedule."""
+AdamW written out in numpy; which leaves decay; the learning-rate schedule; the fused AdamW kernel
+against optax's update."""
 
+import functools
 import math
 
 import jax
@@ -10,7 +12,9 @@ import pytest
 
 import nanojax as nj
 from nanojax.model import param_shapes
-from nanojax.optim import decay_mask, lr_schedule, make_optimizer
+from nanojax.optim import decay_mask, fused_adamw, lr_schedule, make_optimizer
+from nanojax.quant import ffi
+from nanojax.train.step import guarded_update
 
 # GPT-2 with every bias (q/k/v biases are 2-D: (heads, head_dim)), tied head, learned positions;
 # Llama with q/k/v biases (Qwen2-style) and an untied head.
@@ -177,3 +181,84 @@ def test_lr_schedule_with_warmup_longer_than_the_run_ramps_over_the_run():
     short = lr_schedule(1.0, 100, 20, 0.1)
     ramp = np.asarray(short(np.arange(20)))
     np.testing.assert_allclose(ramp, np.arange(1, 21) / 21, rtol=1e-6)
+
+
+# The fused AdamW kernel (csrc/adamw.cc) against optax, which the step ran before it.
+needs_kernels = pytest.mark.skipif(not ffi.kernels_available(), reason="the CPU kernels did not build")
+
+
+def _optax_steps(opt, params, grads, losses):
+    """Params and state after each guarded optax update (train/step.py's path without the kernel)."""
+
+    @jax.jit
+    def step(params, state, g, loss):
+        p, s, _ = guarded_update(opt, None, params, state, g, loss, optax.tree.norm(g), 0)
+        return p, s
+
+    state, trail = jax.jit(opt.init)(params), []
+    for g, loss in zip(grads, losses, strict=True):
+        params, state = step(params, state, g, loss)
+        trail.append((params, state))
+    return trail
+
+
+@pytest.fixture(scope="module")
+def adamw_case():
+    """Six updates of the GPT-2 tree plus a leaf of 70,001 elements (two of the kernel's chunks and
+    a ragged tail): clipped, unclipped, one skipped (NaN loss), at a warming-up then decaying rate;
+    optax's guarded updates of them; and the fused update, jitted once for every loop."""
+    params = {**random_tree(GPT2, 0), "big": np.full((70_001,), 0.5, np.float32)}
+    grads = [{**g, "big": np.linspace(-s, s, 70_001, dtype=np.float32)}
+             for g, s in zip(_grads(GPT2, 6), [10.0, 1e-2] * 3, strict=True)]
+    losses = [1.0, 1.0, 1.0, float("nan"), 1.0, 1.0]
+    schedule = lr_schedule(1e-2, 2, 6, 1e-3)
+    mask = functools.partial(decay_mask, embeddings=True)  # wte decays too: the mask is followed
+    opt = make_optimizer(schedule, mask=mask, **HYPER)
+    want = _optax_steps(opt, params, grads, losses)
+    fused = jax.jit(fused_adamw(schedule, mask=mask, **HYPER))
+    return params, grads, losses, want, jax.jit(opt.init)(params), fused
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["", "avx2", "scalar"], ids=["widest", "avx2", "scalar"])
+def test_fused_adamw_equals_the_optax_update(isa, adamw_case, monkeypatch):
+    """The params and every state leaf of optax's guarded update, to fp32 rounding (a few ulps of
+    each leaf's largest value, compounded over the steps), on every loop of the kernel."""
+    monkeypatch.setenv("NANOJAX_KERNEL_ISA", isa)  # read at each call
+    p, grads, losses, want, state, fused = adamw_case
+    for t, (g, loss, (want_p, want_s)) in enumerate(zip(grads, losses, want, strict=True)):
+        before = p
+        p, state = fused(p, g, state, optax.tree.norm(g), np.isfinite(loss))
+        assert jax.tree.structure(state) == jax.tree.structure(want_s)
+        for got, ref in zip(jax.tree.leaves((p, state)), jax.tree.leaves((want_p, want_s)), strict=True):
+            scale = float(np.abs(ref).max())  # optax's XLA loops may contract a * b + c into an fma
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6 * scale, err_msg=f"update {t + 1}")
+        if not np.isfinite(loss):  # a skipped step changes no bit
+            jax.tree.map(np.testing.assert_array_equal, p, before)
+
+
+@needs_kernels
+def test_build_puts_the_fused_update_in_the_one_device_cpu_step(monkeypatch):
+    """build() traces the kernel's custom call into the step; NANOJAX_ADAMW_KERNEL=0 keeps optax's
+    update (the train tests run the kernel's step end to end: resume, losses, quality)."""
+    from nanojax.train import build, default_config, model_config_from
+
+    c = default_config("shakespeare-char-cpu", vocab_size=32, n_layer=1, max_seq_len=8)
+    c.update(batch_size=2, max_steps=3, warmup_steps=1)
+    x = np.zeros((1, 2, 8), np.int32)
+    for flag in ("1", "0"):
+        monkeypatch.setenv("NANOJAX_ADAMW_KERNEL", flag)
+        run = build(c, model_config_from(c))
+        params, opt_state, *_ = run.abstract_step_args(batch_size=2)
+        hlo = run.step_fn.lower(params, opt_state, x, x, np.int32(0)).as_text()
+        assert ("nanojax_adamw" in hlo) == (flag == "1"), flag
+
+
+@needs_kernels
+def test_adamw_kernel_rejects_mismatched_leaves():
+    z = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="float32 of one shape"):
+        ffi.adamw(np.zeros(11, np.float32), np.zeros(1, np.float32), [z], [z], [z],
+                  [np.zeros((4, 3), np.float32)])
+    with pytest.raises(ValueError, match="hyper"):
+        ffi.adamw(np.zeros(10, np.float32), np.zeros(1, np.float32), [z], [z], [z], [z])

@@ -39,7 +39,7 @@ import numpy as np
 from nanojax.quant import arrays as _layout
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "parallel.h", "kernels_fp32.inc",
+SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "adamw.cc", "parallel.h", "kernels_fp32.inc",
            "kernels_vnni.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 # The fp32 kernel beats XLA's dot up to 32 rows (the serving engine's 8-32 slots; docs/performance.md).
@@ -54,6 +54,7 @@ KERNEL_ACTIVATIONS = os.environ.get("NANOJAX_KERNEL_ACTIVATIONS", "fp32")
 _TARGETS = {"int8": "nanojax_int8_matmul", "int4": "nanojax_int4_matmul"}
 _FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ w (I, O), M <= FP32_KERNEL_MAX_ROWS
 _ATTN_TARGET = "nanojax_decode_attention"  # csrc/dattn.cc: one query per row over the slot cache
+_ADAMW_TARGET = "nanojax_adamw"  # csrc/adamw.cc: the whole clipped AdamW update, in place
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
@@ -173,7 +174,9 @@ def _load() -> bool:
                 jax.ffi.register_ffi_target(_FP32_TARGET, jax.ffi.pycapsule(lib.NjFp32Matmul), platform="cpu")
                 jax.ffi.register_ffi_target(_ATTN_TARGET, jax.ffi.pycapsule(lib.NjDecodeAttention),
                                             platform="cpu")
+                jax.ffi.register_ffi_target(_ADAMW_TARGET, jax.ffi.pycapsule(lib.NjAdamW), platform="cpu")
                 lib.nj_attn_vector_bits.restype = ctypes.c_int
+                lib.nj_adamw_vector_bits.restype = ctypes.c_int
                 lib.nj_attn_vector_bits.argtypes = [ctypes.c_int64]
                 lib.nj_quant_vector_bits.restype = ctypes.c_int
                 lib.nj_fp32_vector_bits.restype = ctypes.c_int
@@ -383,3 +386,39 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, 
     call = jax.ffi.ffi_call(_ATTN_TARGET, jax.ShapeDtypeStruct((R, N, H), jnp.float32),
                             vmap_method="sequential")
     return call(q, k, v, rows.astype(jnp.int32), lens.astype(jnp.int32), kv_heads=np.int64(kv_heads))
+
+
+def adamw_kernel_enabled() -> bool:
+    """Whether train/step.py's jit step may run the AdamW update as `adamw`: the CPU backend, the
+    library loaded (AVX-512 or AVX2 loop; the scalar one is for tests), and NANOJAX_ADAMW_KERNEL not
+    "0" (read when the step is built)."""
+    if _switched_off("NANOJAX_ADAMW_KERNEL"):
+        return False
+    return jax.default_backend() == "cpu" and _load() and _state["lib"].nj_adamw_vector_bits() > 0
+
+
+def adamw(hyper: jax.Array, decay: jax.Array, params: list, mu: list, nu: list,
+          grads: list) -> tuple[list, list, list]:
+    """The clipped AdamW update of L float32 arrays in one call (csrc/adamw.cc has the formula).
+
+    hyper float32 (11,): lr, b1, 1 - b1, b2, 1 - b2, eps, 1 - b1^t, 1 - b2^t, the gradients' global
+    norm, the clip threshold (inf: none), ok (0: change nothing); decay float32 (L,): each leaf's
+    weight decay (0: not decayed). params, mu, nu, grads: L arrays each, leaf i of the four the
+    same size. Returns the new (params, mu, nu), computed in place of the old ones (aliased: donate
+    them, or XLA copies them first). Needs the kernels (`kernels_available()`)."""
+    L = len(params)
+    if not (len(mu) == len(nu) == len(grads) == L == decay.shape[0]) or hyper.shape != (11,):
+        raise ValueError(f"adamw: need hyper (11,) and decay (L,) with L params, moments and gradients; got "
+                         f"hyper {hyper.shape}, decay {decay.shape}, {L}/{len(mu)}/{len(nu)}/{len(grads)}")
+    for i, (p, m, v, g) in enumerate(zip(params, mu, nu, grads, strict=True)):
+        if not p.shape == m.shape == v.shape == g.shape or any(a.dtype != jnp.float32 for a in (p, m, v, g)):
+            raise ValueError(f"adamw: leaf {i}: params, moments and gradient must be float32 of one "
+                             f"shape; got {[(a.shape, str(a.dtype)) for a in (p, m, v, g)]}")
+    if not _load():
+        raise RuntimeError(f"adamw: the CPU kernels are unavailable ({_state.get('why')}); build them with "
+                           "`make kernels`")
+    arrays = [*params, *mu, *nu]
+    call = jax.ffi.ffi_call(_ADAMW_TARGET, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays],
+                            input_output_aliases={2 + i: i for i in range(3 * L)})
+    out = call(hyper, decay, *arrays, *grads)
+    return list(out[:L]), list(out[L:2 * L]), list(out[2 * L:])

@@ -20,7 +20,7 @@ import optax
 from nanojax import sharding as shd
 from nanojax.config import ModelConfig
 from nanojax.model import Params, forward, init_params, param_shapes
-from nanojax.optim import decay_mask, lr_schedule, make_optimizer
+from nanojax.optim import decay_mask, fused_adamw, lr_schedule, make_optimizer
 
 
 def token_losses(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
@@ -40,7 +40,7 @@ def loss_fn(params: Params, x: jax.Array, y: jax.Array, cfg: ModelConfig,
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
                     schedule: optax.Schedule | None = None,
                     mesh: jax.sharding.Mesh | None = None, loss: Callable = loss_fn,
-                    use_dropout: bool | None = None) -> Callable:
+                    use_dropout: bool | None = None, fused_update: Callable | None = None) -> Callable:
     """The un-jitted step. x, y: int32 (A, B, T) with A micro-batches accumulated per update.
 
     With `schedule`, the metrics carry the step's learning rate too (computed on the device, so
@@ -49,7 +49,9 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
 
     `loss(params, x, y, cfg, dropout_rng, *frozen)` is differentiated w.r.t. `params` only; the
     step takes the `frozen` trees after `step` (LoRA: the base model, which gets no gradient and
-    no optimizer state). use_dropout: draw dropout keys (default: cfg.dropout > 0)."""
+    no optimizer state). use_dropout: draw dropout keys (default: cfg.dropout > 0).
+    fused_update: `optim.fused_adamw(...)` of the same settings as `optimizer`, to run the update
+    as one CPU kernel call (`build` passes it where it runs)."""
     base_key = jax.random.key(seed)
     use_dropout = cfg.dropout > 0 if use_dropout is None else use_dropout
     objective = loss  # `loss` is the step's value below
@@ -76,25 +78,30 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, s
                                             (x, y, jnp.arange(A)))
             loss, grads = loss / A, jax.tree.map(lambda g: g / A, grads)
         return guarded_update(optimizer, schedule, params, opt_state, grads, loss,
-                              optax.tree.norm(grads), step)
+                              optax.tree.norm(grads), step, fused_update)
 
     return step_fn
 
 
 def guarded_update(optimizer: optax.GradientTransformation, schedule: optax.Schedule | None,
                    params: Params, opt_state: Any, grads: Params, loss: jax.Array,
-                   grad_norm: jax.Array, step: jax.Array) -> tuple[Params, Any, dict[str, jax.Array]]:
+                   grad_norm: jax.Array, step: jax.Array,
+                   fused: Callable | None = None) -> tuple[Params, Any, dict[str, jax.Array]]:
     """The optimizer update and the step's metrics (loss, grad_norm, ok, and lr with `schedule`).
 
     A non-finite loss or gradient norm changes nothing: the host sees ok=False and stops with the
     last good state, so no NaN ever reaches a checkpoint. The select fuses into the Adam update.
-    Shared by the jit step and the shard_map step (train/manual.py)."""
+    Shared by the jit step and the shard_map step (train/manual.py). fused: the same update as
+    one kernel call (`optim.fused_adamw`), used instead of `optimizer` when given."""
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
-    new_params = jax.tree.map(keep, new_params, params)
-    new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    if fused is not None:
+        new_params, new_opt_state = fused(params, grads, opt_state, grad_norm, ok)
+    else:
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        new_params = jax.tree.map(keep, new_params, params)
+        new_opt_state = jax.tree.map(keep, new_opt_state, opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok}
     if schedule is not None:
         metrics["lr"] = jnp.asarray(schedule(step), jnp.float32)
@@ -150,6 +157,18 @@ class Run:
         return params, opt_state, x, x, jax.ShapeDtypeStruct((), jnp.int32)
 
 
+def _fused_update(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh,
+                  schedule: optax.Schedule, mask: Callable) -> Callable | None:
+    """The AdamW update as one CPU kernel call where it runs: one device (the kernel sees whole
+    arrays), float32 params, the kernels built (`ffi.adamw_kernel_enabled`); else None (optax)."""
+    from nanojax.quant import ffi
+
+    if mesh.size != 1 or cfg.param_dtype != "float32" or not ffi.adamw_kernel_enabled():
+        return None
+    return fused_adamw(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
+                       grad_clip=config.grad_clip, mask=mask)
+
+
 def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
     """Mesh, optimizer, shardings and jitted step/eval/init for a training config.
 
@@ -176,7 +195,8 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
                                              manual.specs_of(o_sh), schedule)
         batch_sh = manual.manual_batch_sharding(mesh)
     else:
-        step = make_train_step(cfg, optimizer, config.seed, schedule, mesh)
+        step = make_train_step(cfg, optimizer, config.seed, schedule, mesh,
+                               fused_update=_fused_update(config, cfg, mesh, schedule, mask))
     step_fn = jax.jit(
         step,
         in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
