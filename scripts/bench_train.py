@@ -3,11 +3,15 @@
     python scripts/bench_train.py                        # both shapes, fp32, eager PyTorch
     python scripts/bench_train.py --shapes=shakespeare --compile   # also torch.compile
     python scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20   # a GPU
+    python scripts/bench_train.py --shapes=shakespeare --nobias --notorch --nanogpt_dir=PATH   # vs nanoGPT
 
 Same shape, batch, dtype and token batches on both sides; the two alternate in rounds of
 --steps steps (after two warm-up steps and one untimed round each), and the table reports the
 median round of each and the ratio of tokens/s.
 Both sides do the full step: forward, backward, global-norm clipping at 1.0 and AdamW.
+--nanogpt_dir adds nanoGPT itself (its model.py's GPT and its configure_optimizers, the step of
+its train.py on CPU: forward with targets, backward, clip, AdamW, zero_grad) at the same shape;
+--nobias gives both sides nanoGPT's shakespeare config (no biases; HF GPT-2 has them: --notorch).
 Every shape also prints nanojax's MFU against the device's peak (nanojax.metrics; on CPU the
 matmul rate measured in the same process). --dtype=bfloat16 is nanojax's mixed precision (bf16
 compute, fp32 params and optimizer state); the PyTorch side is fp32 only, so it needs --notorch.
@@ -47,6 +51,9 @@ flags.DEFINE_integer("steps", 0, "Steps per timed round (0: 40 for small shapes,
 flags.DEFINE_integer("rounds", 5, "Alternating rounds per side.")
 flags.DEFINE_bool("compile", False, "Also time torch.compile'd PyTorch.")
 flags.DEFINE_bool("torch", True, "Time PyTorch at all (--notorch: nanojax only).")
+flags.DEFINE_string("nanogpt_dir", "", "A nanoGPT checkout (github.com/karpathy/nanoGPT): also time "
+                    "its GPT + configure_optimizers at the same shape, as its train.py steps on CPU.")
+flags.DEFINE_bool("bias", True, "Biases in every layer (HF GPT-2's); --nobias: nanoGPT's shakespeare config.")
 flags.DEFINE_integer("threads", 0, "torch threads (0: the machine's cores).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "nanojax compute dtype.")
 flags.DEFINE_integer("vocab_size", 0, "Model vocabulary (0: the preset's; e.g. 50304, GPT-2's padded "
@@ -62,7 +69,7 @@ FLAGS = flags.FLAGS
 def nanojax_stepper(preset, B, T, dtype, vocab_size=0):
     # HF GPT-2 has biases; params stay fp32 (the master copy) whatever the compute dtype.
     extra = {"vocab_size": vocab_size} if vocab_size else {}
-    config = default_config(preset, bias=True, dropout=0.0, max_seq_len=T, dtype=dtype, **extra)
+    config = default_config(preset, bias=FLAGS.bias, dropout=0.0, max_seq_len=T, dtype=dtype, **extra)
     config.update(batch_size=B, max_steps=10_000, warmup_steps=10, sharding_mode=FLAGS.sharding_mode,
                   remat=FLAGS.remat)
     cfg = model_config_from(config)
@@ -107,6 +114,34 @@ def torch_stepper(cfg, compile_model: bool):
     return step
 
 
+def nanogpt_stepper(cfg, nanogpt_dir: str):
+    """nanoGPT's own model and optimizer (its model.py from the checkout), its train.py's CPU step."""
+    import importlib.util
+
+    import torch
+
+    path = Path(nanogpt_dir) / "model.py"
+    if not path.exists():
+        raise app.UsageError(f"--nanogpt_dir={nanogpt_dir}: no model.py there; give a nanoGPT checkout")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    conf = module.GPTConfig(block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                            n_head=cfg.n_head, n_embd=cfg.d_model, dropout=0.0, bias=cfg.bias)
+    model = module.GPT(conf).train()
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+
+    def step(x, y, i):
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def time_round(step, batches, sync):
     t0 = time.perf_counter()
     for i, (x, y) in enumerate(batches):
@@ -135,8 +170,11 @@ def main(argv):
     import os
 
     threads = FLAGS.threads or os.cpu_count()
-    if FLAGS.torch and FLAGS.dtype != "float32":
-        raise app.UsageError("the PyTorch side runs float32 only: pass --notorch with --dtype=bfloat16")
+    if (FLAGS.torch or FLAGS.nanogpt_dir) and FLAGS.dtype != "float32":
+        raise app.UsageError("the PyTorch sides run float32 only: pass --notorch (and no --nanogpt_dir) "
+                             "with --dtype=bfloat16")
+    if FLAGS.torch and not FLAGS.bias:
+        raise app.UsageError("HF GPT2LMHeadModel always has biases: pass --notorch with --nobias")
     rows = []
     for name in FLAGS.shapes:
         preset, B, T = SHAPES[name]
@@ -147,11 +185,14 @@ def main(argv):
         np_batches = [(x, np.roll(x, -1, axis=1)) for (x,) in data]
         sides = {"nanojax": (nj_step, nj_sync, [(jax.numpy.asarray(x), jax.numpy.asarray(y))
                                                for x, y in np_batches])}
-        if FLAGS.torch:
+        if FLAGS.torch or FLAGS.nanogpt_dir:
             import torch
 
             torch.set_num_threads(threads)
             tb = [(torch.from_numpy(x).long(), torch.from_numpy(y).long()) for x, y in np_batches]
+        if FLAGS.nanogpt_dir:
+            sides["nanoGPT (torch eager)"] = (nanogpt_stepper(cfg, FLAGS.nanogpt_dir), lambda: None, tb)
+        if FLAGS.torch:
             sides["torch eager"] = (torch_stepper(cfg, False), lambda: None, tb)
             if FLAGS.compile:
                 sides["torch.compile"] = (torch_stepper(cfg, True), lambda: None, tb)
@@ -183,7 +224,7 @@ def main(argv):
             profile(name, nj_step, nj_sync, sides["nanojax"][2][:3])
     device = jax.devices()[0]
     used = f"XLA {usable_cpus()}" if device.platform == "cpu" else f"XLA on {device.device_kind}"
-    used += f", torch {threads}" if FLAGS.torch else ""
+    used += f", torch {threads}" if FLAGS.torch or FLAGS.nanogpt_dir else ""
     print(f"\n{device.device_kind} ({device.platform}), jax {jax.__version__}, {FLAGS.dtype}")
     print(f"CPU: {cpu_description(used)}")
     print("| shape | batch x ctx | impl | ms/step | tokens/s | nanojax speed-up |")
