@@ -39,7 +39,7 @@ import numpy as np
 from nanojax.quant import arrays as _layout
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "parallel.h", "kernels_fp32.inc",
+SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "fattn.cc", "parallel.h", "kernels_fp32.inc",
            "kernels_vnni.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 # The fp32 kernel beats XLA's dot up to 32 rows (the serving engine's 8-32 slots; docs/performance.md).
@@ -54,6 +54,9 @@ KERNEL_ACTIVATIONS = os.environ.get("NANOJAX_KERNEL_ACTIVATIONS", "fp32")
 _TARGETS = {"int8": "nanojax_int8_matmul", "int4": "nanojax_int4_matmul"}
 _FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ w (I, O), M <= FP32_KERNEL_MAX_ROWS
 _ATTN_TARGET = "nanojax_decode_attention"  # csrc/dattn.cc: one query per row over the slot cache
+# csrc/fattn.cc: causal training attention, forward and backward (nanojax.kernels.cpu_attention)
+_TRAIN_ATTN_TARGETS = {"nanojax_causal_attention_fwd": "NjCausalAttentionFwd",
+                       "nanojax_causal_attention_bwd": "NjCausalAttentionBwd"}
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
@@ -173,6 +176,8 @@ def _load() -> bool:
                 jax.ffi.register_ffi_target(_FP32_TARGET, jax.ffi.pycapsule(lib.NjFp32Matmul), platform="cpu")
                 jax.ffi.register_ffi_target(_ATTN_TARGET, jax.ffi.pycapsule(lib.NjDecodeAttention),
                                             platform="cpu")
+                for target, fn in _TRAIN_ATTN_TARGETS.items():  # csrc/fattn.cc, kernels/cpu_attention.py
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, fn)), platform="cpu")
                 lib.nj_attn_vector_bits.restype = ctypes.c_int
                 lib.nj_attn_vector_bits.argtypes = [ctypes.c_int64]
                 lib.nj_quant_vector_bits.restype = ctypes.c_int
