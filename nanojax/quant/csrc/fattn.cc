@@ -351,30 +351,36 @@ struct Scratch {
   std::vector<float> kt, vt, s, dp, dk, dv;
 };
 
-// Forward unit: batch row b, kv head kh, query rows [t0, t1), all G query heads of kh.
+// Forward unit: batch row b, kv head kh, all G query heads of kh, query blocks c, c + stride, ... (k is
+// transposed once for all of them, up to the last block's keys).
 void forward_unit(const Ops& op, const Shape& sh, const float* q, const float* k, const float* v, float* out,
-                  float* lse, int64_t b, int64_t kh, int64_t t0, int64_t t1, Scratch& w) {
-  const int64_t H = sh.H, M = t1 - t0, npad = round16(t1);
+                  float* lse, int64_t b, int64_t kh, int64_t c, int64_t stride, Scratch& w) {
+  const int64_t H = sh.H, blocks = (sh.T + kRows - 1) / kRows;
+  const int64_t last = c + (blocks - 1 - c) / stride * stride;
+  const int64_t kpad = round16(std::min(sh.T, (last + 1) * kRows));
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
-  w.kt.resize(H * npad);
-  w.s.resize(M * npad);
-  pack_transposed(sh, k, b, kh, t1, npad, w.kt.data());
+  w.kt.resize(H * kpad);
+  w.s.resize(kRows * kpad);
+  pack_transposed(sh, k, b, kh, std::min(sh.T, (last + 1) * kRows), kpad, w.kt.data());
   float* s = w.s.data();
-  for (int64_t g = 0; g < sh.G(); ++g) {
-    const int64_t n = kh * sh.G() + g;
-    op.nt(sh.head(q, b, sh.N, n, t0), sh.qrow(), M, w.kt.data(), npad, H, npad, t0, scale, s, npad);
-    float inv[kRows];
-    for (int64_t i = 0; i < M; ++i) {
-      float l;
-      const float m = op.softmax_row(s + i * npad, t0 + i + 1, npad, &l);
-      lse[(b * sh.N + n) * sh.T + t0 + i] = m + std::log(l);
-      inv[i] = 1.0f / l;
+  for (int64_t blk = last; blk >= 0 && blk >= c; blk -= stride) {
+    const int64_t t0 = blk * kRows, t1 = std::min(sh.T, t0 + kRows), M = t1 - t0, npad = round16(t1);
+    for (int64_t g = 0; g < sh.G(); ++g) {
+      const int64_t n = kh * sh.G() + g;
+      op.nt(sh.head(q, b, sh.N, n, t0), sh.qrow(), M, w.kt.data(), kpad, H, npad, t0, scale, s, npad);
+      float inv[kRows];
+      for (int64_t i = 0; i < M; ++i) {
+        float l;
+        const float m = op.softmax_row(s + i * npad, t0 + i + 1, npad, &l);
+        lse[(b * sh.N + n) * sh.T + t0 + i] = m + std::log(l);
+        inv[i] = 1.0f / l;
+      }
+      float* o = out + ((b * sh.T + t0) * sh.N + n) * H;
+      op.nn(s, npad, 1, M, t1, Band::kUpTo, t0, sh.head(v, b, sh.K, kh, 0), sh.krow(), H, 1.0f, false, o,
+            sh.qrow());
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t h = 0; h < H; ++h) o[i * sh.qrow() + h] *= inv[i];
     }
-    float* o = out + ((b * sh.T + t0) * sh.N + n) * H;
-    op.nn(s, npad, 1, M, t1, Band::kUpTo, t0, sh.head(v, b, sh.K, kh, 0), sh.krow(), H, 1.0f, false, o,
-          sh.qrow());
-    for (int64_t i = 0; i < M; ++i)
-      for (int64_t h = 0; h < H; ++h) o[i * sh.qrow() + h] *= inv[i];
   }
 }
 
@@ -446,14 +452,16 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
     return ffi::Error::InvalidArgument("nanojax causal attention: out must be q's shape and lse (B, N, T)");
   if (sh.B * sh.T * sh.N * sh.H == 0) return ffi::Error::Success();
   const Ops op = ops_for(sh.H);
-  const int64_t blocks = (sh.T + kRows - 1) / kRows;
-  // Latest query blocks (the most keys) first, so the last units to finish are the short ones.
-  nj::parallel_units(pool, sh.B * sh.K * blocks, [&](int64_t u) {
+  // Units: (b, kv head, every stride-th query block from c), stride just large enough to give each
+  // thread ~4 units; the latest blocks (the most keys) run first so the last to finish are short.
+  const int64_t blocks = (sh.T + kRows - 1) / kRows, heads = sh.B * sh.K;
+  const int64_t want = 4 * nj::kernel_threads(pool);
+  const int64_t stride = std::clamp<int64_t>((want + heads - 1) / heads, 1, blocks);
+  nj::parallel_units(pool, heads * stride, [&](int64_t u) {
     thread_local Scratch w;
-    const int64_t blk = blocks - 1 - u % blocks, bk = u / blocks;
-    const int64_t t0 = blk * kRows;
+    const int64_t bk = u / stride;
     forward_unit(op, sh, q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(), lse->typed_data(),
-                 bk / sh.K, bk % sh.K, t0, std::min(sh.T, t0 + kRows), w);
+                 bk / sh.K, bk % sh.K, u % stride, stride, w);
   });
   return ffi::Error::Success();
 }
