@@ -49,6 +49,8 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using Buf = ffi::Buffer<ffi::F32>;
+using Res = ffi::ResultBuffer<ffi::F32>;
 
 namespace {
 
@@ -430,8 +432,7 @@ void backward_unit(const Ops& op, const Shape& sh, const float* q, const float* 
   }
 }
 
-ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
-                    Shape* sh) {
+ffi::Error shape_of(const Buf& q, const Buf& k, const Buf& v, Shape* sh) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("nanojax causal attention: q (B, T, N, H), k and v (B, T, K, H)");
@@ -444,8 +445,7 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                       ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error ForwardImpl(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Res out, Res lse) {
   Shape sh;
   if (ffi::Error e = shape_of(q, k, v, &sh); e.failure()) return e;
   if (out->element_count() != q.element_count() || lse->element_count() != static_cast<size_t>(sh.B * sh.N * sh.T))
@@ -466,10 +466,8 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
   return ffi::Error::Success();
 }
 
-ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
-                        ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
-                        ffi::ResultBuffer<ffi::F32> dv) {
+ffi::Error BackwardImpl(ffi::ThreadPool pool, Buf q, Buf k, Buf v, Buf o, Buf lse, Buf dout, Res dq, Res dk,
+                        Res dv) {
   Shape sh;
   if (ffi::Error e = shape_of(q, k, v, &sh); e.failure()) return e;
   if (o.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
@@ -489,27 +487,13 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
 
 }  // namespace
 
+// Operands and results as the file's header lists them (q, k, v [, out, lse, dout]).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NjCausalAttentionFwd, ForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q (B, T, N, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k (B, T, K, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v (B, T, K, H)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out (B, T, N, H)
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse (B, N, T)
-
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Ret<Buf>()
+                                  .Ret<Buf>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NjCausalAttentionBwd, BackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // q (B, T, N, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k (B, T, K, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // v (B, T, K, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // out (B, T, N, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse (B, N, T)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout (B, T, N, H)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq (B, T, N, H)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk (B, T, K, H)
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv (B, T, K, H)
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Buf>().Arg<Buf>().Arg<Buf>().Arg<Buf>()
+                                  .Arg<Buf>().Arg<Buf>().Ret<Buf>().Ret<Buf>().Ret<Buf>());
 
 // What the training attention kernel runs with for a head size H: 512 (AVX-512) or 0 (scalar loops).
 extern "C" int nj_fattn_vector_bits(int64_t H) { return use_avx512(H) ? 512 : 0; }
