@@ -2,8 +2,11 @@
 nanojax's own FlashAttention-2 Pallas kernels (nanojax/kernels/, docs/attention.md).
 
 Which path "auto" takes, per backend, and why (measured-fastest correct path):
-- CPU: XLA. The Pallas kernels run there only in interpret mode, which checks them but is slow
-  (2-5x the XLA path's time in docs/attention.md's CPU table), so auto never picks them.
+- CPU, float32 causal self-attention (no mask, T == S) on one device with AVX-512: nanojax's C++
+  kernel (nanojax.kernels.cpu_attention; ~2x XLA's fwd+bwd, docs/attention.md), unless switched off
+  (NANOJAX_TRAIN_ATTN_KERNEL=0 or `cpu_attention.train_attention_kernel(False)`).
+- Other CPU cases: XLA. The Pallas kernels run there only in interpret mode, which checks them but
+  is slow (2-5x the XLA path's time in docs/attention.md's CPU table), so auto never picks them.
 - NVIDIA GPU, bf16/fp16: cuDNN's fused kernel. The Pallas kernel's GPU numbers are not yet
   measured (docs/attention.md); until they beat cuDNN there, "pallas" is opt-in.
 - Anything else (ROCm, fp32 on GPU): XLA; "pallas" is opt-in through Pallas' Triton lowering.
@@ -69,8 +72,8 @@ def attention(
       q: (B, T, N, H) queries. k, v: (B, S, K, H) keys and values.
       mask: optional bool (B, T, S), True where query t may attend to key s. None means causal
         with the queries aligned to the end of the keys (query t sees keys s <= t + S - T).
-      impl: "auto" (cuDNN where it runs, else XLA; module docstring), "xla", "cudnn", or
-        "pallas" (nanojax.kernels.flash_attention; causal only, no explicit mask).
+      impl: "auto" (cuDNN or the CPU kernel where they run, else XLA; module docstring), "xla",
+        "cudnn", or "pallas" (nanojax.kernels.flash_attention; causal only, no explicit mask).
     Returns:
       (B, T, N, H) in q's dtype. Softmax is computed in float32.
     """
@@ -83,7 +86,33 @@ def attention(
         return flash_attention(q, k, v, causal=True)
     if _use_cudnn(impl, q, mask):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl == "auto" and mask is None and use_cpu_kernel(q, k, v):
+        from nanojax.kernels import cpu_attention
+
+        return cpu_attention.causal_attention(q, k, v)
     return _xla_attention(q, k, v, mask)
+
+
+def use_cpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+    """Whether impl="auto" with no mask runs the CPU training kernel (nanojax.kernels.cpu_attention).
+
+    Yes for q (B, T, N, H), k, v (B, T, K, H) float32 with T == S and K dividing N, the CPU backend
+    with the kernels built and AVX-512 for H, not under a sharded trace (nanojax.sharding's
+    activation constraint) and q, k, v on one device: the custom call sees each array whole, so it
+    cannot run on a sharded operand (dense.py's fp32 kernel has the same conditions). Inside
+    jax.shard_map (train/manual.py) the arrays are the local shards, which it may take.
+    """
+    from nanojax.dense import _local
+    from nanojax.kernels import cpu_attention
+    from nanojax.model import ACTIVATION_CONSTRAINT  # model imports this module
+
+    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+        return False
+    B, T, N, H = q.shape
+    return (k.shape[:2] == (B, T) and k.shape[3] == H and N % k.shape[2] == 0 and T > 0
+            and q.dtype == k.dtype == v.dtype == jnp.float32
+            and ACTIVATION_CONSTRAINT.get() is None and all(_local(x) for x in (q, k, v))
+            and cpu_attention.enabled(H))
 
 
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:

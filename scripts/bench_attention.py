@@ -17,7 +17,13 @@ warm-up. Columns:
   outputs. The XLA path holds (T, T) scores per head, so it grows as T^2; the kernels' stays
   linear in T.
 Implementations: "xla" (nanojax.attention's portable path), "pallas" (nanojax.kernels), "cudnn"
-(`jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only; skipped elsewhere).
+(`jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only; skipped elsewhere), "cpu"
+(nanojax.kernels.cpu_attention, the fp32 C++ kernel; AVX-512 CPUs only). The CPU training shapes
+(docs/performance.md, Training) side by side:
+    python scripts/bench_attention.py --impls=xla,cpu --seq_lens=64 --tokens=768 --heads=4 --head_dim=32 \
+        --repeats=50                                                    # quickstart: B 12, T 64
+    python scripts/bench_attention.py --impls=xla,cpu --seq_lens=256 --tokens=512 --heads=12 \
+        --head_dim=64 --repeats=20                                      # GPT-2 124M: B 2, T 256
 On CPU the Pallas kernels run in interpret mode, a correctness tool that is not meant to be
 fast: they are timed only up to --pallas_cpu_max_len, and the table says so.
 """
@@ -36,11 +42,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from nanojax.attention import _cudnn_available, attention  # noqa: E402
-from nanojax.kernels import backend  # noqa: E402
+from nanojax.kernels import backend, cpu_attention  # noqa: E402
 from nanojax.metrics import cpu_description, usable_cpus  # noqa: E402
 
 flags.DEFINE_list("seq_lens", None, "Sequence lengths (default: 512..16384 on a GPU, 512..2048 on CPU).")
-flags.DEFINE_list("impls", ["xla", "pallas", "cudnn"], "Any of xla, pallas, cudnn.")
+flags.DEFINE_list("impls", ["xla", "pallas", "cudnn"], "Any of xla, pallas, cudnn, cpu.")
 flags.DEFINE_integer("tokens", 0, "Batch x T per call (0: 16384 on a GPU, 2048 on CPU).")
 flags.DEFINE_integer("heads", 0, "Query heads N (0: 16 on a GPU, 4 on CPU).")
 flags.DEFINE_integer("kv_heads", 0, "Key/value heads K (0: N, plain multi-head).")
@@ -61,6 +67,8 @@ def useful_flops(B: int, T: int, N: int, H: int, backward: bool) -> float:
 def _fn(impl: str):
     if impl == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl == "cpu":
+        return cpu_attention.causal_attention
     return lambda q, k, v: attention(q, k, v, impl=impl)
 
 
@@ -123,6 +131,9 @@ def run(seq_lens: list[int], impls: list[str], tokens: int, N: int, K: int, H: i
                 if impl == "cudnn" and not (_cudnn_available() and jnp.dtype(dtype).itemsize == 2):
                     cells.append("n/a (NVIDIA GPU, bf16/fp16 only)")
                     continue
+                if impl == "cpu" and not (cpu_attention.available(H) and jnp.dtype(dtype) == jnp.float32):
+                    cells.append("n/a (fp32 on an AVX-512 CPU, H % 16 == 0, only)")
+                    continue
                 if impl == "pallas" and on_cpu and T > pallas_cpu_max_len:
                     cells.append("skipped (interpret mode)")
                     continue
@@ -144,9 +155,9 @@ def main(argv):
     gpu = not backend.interpret_default()
     seq_lens = [int(t) for t in (FLAGS.seq_lens or ([512, 1024, 2048, 4096, 8192, 16384] if gpu
                                                     else [512, 1024, 2048]))]
-    bad = [i for i in FLAGS.impls if i not in ("xla", "pallas", "cudnn")]
+    bad = [i for i in FLAGS.impls if i not in ("xla", "pallas", "cudnn", "cpu")]
     if bad:
-        raise app.UsageError(f"--impls: unknown {bad}; expected any of xla, pallas, cudnn")
+        raise app.UsageError(f"--impls: unknown {bad}; expected any of xla, pallas, cudnn, cpu")
     N = FLAGS.heads or (16 if gpu else 4)
     K = FLAGS.kv_heads or N
     if N % K:

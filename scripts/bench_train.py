@@ -15,6 +15,9 @@ its train.py on CPU: forward with targets, backward, clip, AdamW, zero_grad) at 
 Every shape also prints nanojax's MFU against the device's peak (nanojax.metrics; on CPU the
 matmul rate measured in the same process). --dtype=bfloat16 is nanojax's mixed precision (bf16
 compute, fp32 params and optimizer state); the PyTorch side is fp32 only, so it needs --notorch.
+--train_attn_kernel_ab adds a nanojax side whose attention is XLA's instead of the CPU training
+kernel (nanojax.kernels.cpu_attention), alternating with the others in the same process:
+    python scripts/bench_train.py --shapes=shakespeare,gpt2 --notorch --train_attn_kernel_ab
 """
 
 import statistics
@@ -63,6 +66,8 @@ flags.DEFINE_string("profile_dir", "", "Also trace 3 nanojax steps per shape int
 flags.DEFINE_enum("sharding_mode", "auto", ["auto", "manual"], "The jit step or the shard_map step.")
 flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch", "names"],
                   "Gradient checkpointing policy per block.")
+flags.DEFINE_bool("train_attn_kernel_ab", False, "Also time nanojax with XLA's attention in place of "
+                  "the CPU training attention kernel (`cpu_attention.train_attention_kernel(False)`).")
 FLAGS = flags.FLAGS
 
 
@@ -185,6 +190,16 @@ def main(argv):
         np_batches = [(x, np.roll(x, -1, axis=1)) for (x,) in data]
         sides = {"nanojax": (nj_step, nj_sync, [(jax.numpy.asarray(x), jax.numpy.asarray(y))
                                                for x, y in np_batches])}
+        if FLAGS.train_attn_kernel_ab:
+            from nanojax.kernels import cpu_attention
+
+            _, xla_step, xla_sync = nanojax_stepper(preset, B, T, FLAGS.dtype, FLAGS.vocab_size)
+
+            def xla_attn_step(x, y, i, step=xla_step):
+                with cpu_attention.train_attention_kernel(False):  # traced (and cached) with XLA's attention
+                    return step(x, y, i)
+
+            sides["nanojax XLA attn"] = (xla_attn_step, xla_sync, sides["nanojax"][2])
         if FLAGS.torch or FLAGS.nanogpt_dir:
             import torch
 

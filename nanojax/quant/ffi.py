@@ -39,8 +39,8 @@ import numpy as np
 from nanojax.quant import arrays as _layout
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "adamw.cc", "parallel.h", "kernels_fp32.inc",
-           "kernels_vnni.inc")  # all hashed
+SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "fattn.cc", "adamw.cc", "parallel.h",
+           "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 # The fp32 kernel beats XLA's dot up to 32 rows (the serving engine's 8-32 slots; docs/performance.md).
 FP32_KERNEL_MAX_ROWS = 32
@@ -55,6 +55,9 @@ _TARGETS = {"int8": "nanojax_int8_matmul", "int4": "nanojax_int4_matmul"}
 _FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ w (I, O), M <= FP32_KERNEL_MAX_ROWS
 _ATTN_TARGET = "nanojax_decode_attention"  # csrc/dattn.cc: one query per row over the slot cache
 _ADAMW_TARGET = "nanojax_adamw"  # csrc/adamw.cc: the whole clipped AdamW update, in place
+# csrc/fattn.cc: causal training attention, forward and backward (nanojax.kernels.cpu_attention)
+_TRAIN_ATTN_TARGETS = {"nanojax_causal_attention_fwd": "NjCausalAttentionFwd",
+                       "nanojax_causal_attention_bwd": "NjCausalAttentionBwd"}
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
@@ -175,6 +178,8 @@ def _load() -> bool:
                 jax.ffi.register_ffi_target(_ATTN_TARGET, jax.ffi.pycapsule(lib.NjDecodeAttention),
                                             platform="cpu")
                 jax.ffi.register_ffi_target(_ADAMW_TARGET, jax.ffi.pycapsule(lib.NjAdamW), platform="cpu")
+                for target, fn in _TRAIN_ATTN_TARGETS.items():  # csrc/fattn.cc, kernels/cpu_attention.py
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, fn)), platform="cpu")
                 lib.nj_attn_vector_bits.restype = ctypes.c_int
                 lib.nj_adamw_vector_bits.restype = ctypes.c_int
                 lib.nj_attn_vector_bits.argtypes = [ctypes.c_int64]
