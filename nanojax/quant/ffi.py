@@ -194,8 +194,9 @@ def _load() -> bool:
         _state["ok"] = why is None
         if why is not None:
             _state["why"] = why
-            warnings.warn(f"nanojax quantized CPU kernels unavailable ({why}); using the pure-JAX "
-                          "dequantize path instead (same numbers, slower on CPU). Build them with "
+            warnings.warn(f"nanojax CPU kernels unavailable ({why}); XLA runs their parts instead "
+                          "(quantized products dequantize first, training attention and AdamW are "
+                          "XLA's: the same numbers to fp32 rounding, slower on CPU). Build them with "
                           "`make kernels` (needs g++).", RuntimeWarning, stacklevel=3)
         return _state["ok"]
 
