@@ -45,13 +45,17 @@ quickstart: data
 	  --config.data_dir=$(DATA)
 	$(PY) scripts/sample.py --workdir=$(WORKDIR) --prompt="ROMEO:" --max_new_tokens=300
 
+# The CPU kernels are built (or found in the cache) once before pytest, so its two workers do not
+# both compile them; without g++ this warns and the tests take XLA's paths.
 test: install-test
 	$(VENV)/bin/ruff check .
+	$(PY) -c "from nanojax.quant import ffi; ffi.kernels_available()"
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 # The tests marked slow (every mesh in both sharding modes, multi-process, the notebooks run
 # whole): deselected by `make test`, run by CI after it.
 test-slow: install-test
+	$(PY) -c "from nanojax.quant import ffi; ffi.kernels_available()"
 	$(PY) -m pytest $(PYTEST_ARGS) -m slow tests
 
 kernels: install
