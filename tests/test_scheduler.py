@@ -348,7 +348,8 @@ def test_requests_coming_and_going_do_not_recompile(engine, params):
     assert outs == _oracle(params, prompts, max_tokens)
     assert after["executables"] == before["executables"]
     limits = SL.variant_counts(CFG, engine.slots)
-    assert all(after["executables_by_fn"][k] <= limits[k] for k in limits)
+    made = after["executables_by_fn"]
+    assert all(made[k] <= limits[k] for k in limits), (made, limits)
 
 
 def _np_filtered_probs(logits, temperature, top_k, top_p, min_p):
