@@ -157,16 +157,16 @@ class Run:
         return params, opt_state, x, x, jax.ShapeDtypeStruct((), jnp.int32)
 
 
-def _fused_update(config: ml_collections.ConfigDict, cfg: ModelConfig, mesh: jax.sharding.Mesh,
-                  schedule: optax.Schedule, mask: Callable) -> Callable | None:
+def _fused_update(cfg: ModelConfig, mesh: jax.sharding.Mesh, schedule: optax.Schedule, grad_clip: float,
+                  adamw: dict) -> Callable | None:
     """The AdamW update as one CPU kernel call where it runs: one device (the kernel sees whole
-    arrays), float32 params, the kernels built (`ffi.adamw_kernel_enabled`); else None (optax)."""
+    arrays), float32 params, the kernels built (`ffi.adamw_kernel_enabled`); else None (optax).
+    adamw: the settings the optax optimizer was made with, so the two updates cannot differ."""
     from nanojax.quant import ffi
 
     if mesh.size != 1 or cfg.param_dtype != "float32" or not ffi.adamw_kernel_enabled():
         return None
-    return fused_adamw(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-                       grad_clip=config.grad_clip, mask=mask)
+    return fused_adamw(schedule, grad_clip=grad_clip, **adamw)
 
 
 def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
@@ -178,8 +178,9 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
     mesh = shd.make_mesh(**config.mesh.to_dict())
     schedule = lr_schedule(config.lr, config.warmup_steps, config.max_steps, config.min_lr)
     mask = functools.partial(decay_mask, embeddings=bool(config.get("decay_embeddings", False)))
-    optimizer = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-                               grad_clip=config.grad_clip, mask=mask)
+    # One set of AdamW settings for every update built below (optax's, clipped or not, and the kernel's).
+    adamw = {"weight_decay": config.weight_decay, "b1": config.b1, "b2": config.b2, "mask": mask}
+    optimizer = make_optimizer(schedule, grad_clip=config.grad_clip, **adamw)
     p_sh = shd.param_shardings(cfg, mesh)
     o_sh = shd.opt_state_shardings(optimizer, param_shapes(cfg), p_sh, mesh)
     repl = shd.replicated(mesh)
@@ -189,14 +190,13 @@ def build(config: ml_collections.ConfigDict, cfg: ModelConfig) -> Run:
         # out (nanojax.train.manual); the global-norm clip moves into it, out of the optimizer.
         from nanojax.train import manual
 
-        unclipped = make_optimizer(schedule, weight_decay=config.weight_decay, b1=config.b1, b2=config.b2,
-                                   grad_clip=0, mask=mask)
+        unclipped = make_optimizer(schedule, grad_clip=0, **adamw)
         step = manual.make_manual_train_step(cfg, unclipped, config.grad_clip, mesh, manual.specs_of(p_sh),
                                              manual.specs_of(o_sh), schedule)
         batch_sh = manual.manual_batch_sharding(mesh)
     else:
         step = make_train_step(cfg, optimizer, config.seed, schedule, mesh,
-                               fused_update=_fused_update(config, cfg, mesh, schedule, mask))
+                               fused_update=_fused_update(cfg, mesh, schedule, config.grad_clip, adamw))
     step_fn = jax.jit(
         step,
         in_shardings=(p_sh, o_sh, batch_sh, batch_sh, repl),
