@@ -59,7 +59,8 @@ class Engine:
     batch_occupancy (mean active/slots over recent decode chunks), tokens_per_s (recent),
     tokens_total, requests_total, requests_running, prefix_hits, prefix_tokens_reused,
     prefill_calls (device prefill calls: requests admitted together share packed ones),
-    executables (compiled variants so far).
+    executables (compiled variants so far, counted per jitted function for the whole process: two
+    engines with different slot counts or configs add up).
 
     tokenizer: anything with decode(list[int]) -> str, or None (events then carry no text and
     stop strings are refused). slots: S, decode rows. chunk_size: decode steps per compiled call
