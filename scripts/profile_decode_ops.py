@@ -2,6 +2,7 @@
 
     python scripts/profile_decode_ops.py --preset=llama-134m                  # greedy, batch 1
     python scripts/profile_decode_ops.py --preset=llama-134m --n_layer=2 --by_op
+    python scripts/profile_decode_ops.py --quant=int4 --kernel_activations=int8   # nj.quantize'd
 
 Random weights, prompt 16 + 128 new tokens. Two calls run under jax.profiler after a warm-up; for
 each decode op the median time of one call times its calls per step is reported (medians: on a
@@ -25,6 +26,9 @@ flags.DEFINE_integer("n_layer", 0, "Override the preset's layer count (0: keep i
 flags.DEFINE_integer("batch", 1, "Prompts per call.")
 flags.DEFINE_integer("new_tokens", 128, "New tokens per prompt.")
 flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+flags.DEFINE_enum("quant", "fp32", ["fp32", "int8", "int4"], "Weights: fp32, or nj.quantize(scheme).")
+flags.DEFINE_integer("group_size", 32, "int4 group size (int8 is per channel).")
+flags.DEFINE_enum("kernel_activations", "fp32", ["fp32", "int8"], "nj.quantize's kernel_activations.")
 flags.DEFINE_bool("by_op", False, "Also print every non-matmul op (name, median, source op).")
 FLAGS = flags.FLAGS
 
@@ -36,6 +40,8 @@ def _categorize(op: str, hlo: str, comps: dict[str, str]) -> str:
     body = comps.get(called.group(1), "") if called else ""
     meta = re.search(r'op_name="([^"]*)"', line)
     meta = meta.group(1) if meta else ""
+    if "custom_call_target" in line:  # the CPU matmul kernels (the attention ones are not in decode)
+        return "matmuls"
     if op.startswith("dot"):
         return "attention dots" if "batch_dims" in line else "matmuls"
     if re.search(r"reduce(_max|_min)?$", meta) and re.search(r"\[\d+,\d{4,}\]", line + body):
@@ -63,6 +69,9 @@ def main(argv):
     over = {"n_layer": FLAGS.n_layer} if FLAGS.n_layer else {}
     cfg = nj.ModelConfig.preset(FLAGS.preset, **over)
     params = nj.init_params(cfg, jax.random.key(0))
+    if FLAGS.quant != "fp32":
+        params = nj.quantize(params, cfg, FLAGS.quant, FLAGS.group_size if FLAGS.quant == "int4" else None,
+                             kernel_activations=FLAGS.kernel_activations)
     prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (FLAGS.batch, 16)).tolist()
     kw = dict(max_new_tokens=FLAGS.new_tokens, temperature=FLAGS.temperature)
     nj.generate(params, cfg, prompts, **kw)  # compile
@@ -95,6 +104,7 @@ def main(argv):
         c[1] += per_step * median_us
         rows.append((per_step * median_us, op, per_step, median_us))
     print(f"{cfg.n_layer} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, batch {FLAGS.batch}, "
+          f"weights {FLAGS.quant} (kernel activations {FLAGS.kernel_activations}), "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'category':36s} {'ops/step':>9s} {'us/step':>9s}")
     for name, (n, us) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
@@ -103,7 +113,7 @@ def main(argv):
     print(f"{'all but the matmuls and attention':36s} {'':9s} {rest:9.1f}")
     if FLAGS.by_op:
         for _us, op, n, med in sorted(rows, reverse=True):
-            if not op.startswith("dot"):
+            if not op.startswith("dot") and not op.startswith("custom-call"):
                 src = re.search(r"%" + re.escape(op) + r" = .*?op_name=\"([^\"]*)\"", hlo)
                 print(f"  {op:45s} {n:4.1f}/step median {med:7.1f} us  "
                       f"{src.group(1).split('/')[-1] if src else ''}")

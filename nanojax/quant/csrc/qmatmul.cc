@@ -69,7 +69,29 @@ struct Problem {
   int64_t ipad;
   const int8_t* xq;    // (M, ipad)
   const float* sxl8;   // (M, ipad / 4): the x block scale of each 4-element lane
+  int64_t ahead;       // software prefetch distance in bytes of q (0: none); see prefetch_q
 };
+
+// The loops stream q from DRAM and do a few integer ops per byte; with only the hardware prefetcher
+// a thread read ~6-7 GB/s (the two ~11-13), the loads waiting on misses while the ALUs idle. One
+// software prefetch per 64 bytes loaded, kPrefetch bytes further along the same stream (the rows
+// of a unit are contiguous), keeps DRAM busy: ~17-20 GB/s on two threads (docs/quantization.md).
+// NANOJAX_KERNEL_PREFETCH=BYTES changes the distance (0: off), read once.
+constexpr int64_t kPrefetch = 8192;
+
+int64_t prefetch_distance() {
+  static const int64_t d = [] {
+    const char* v = std::getenv("NANOJAX_KERNEL_PREFETCH");
+    return v ? std::max<int64_t>(0, std::atoll(v)) : kPrefetch;
+  }();
+  return d;
+}
+
+// Prefetches the line `ahead` bytes past `at` into L2 (ahead 0: nothing). A prefetch of an address
+// past the end of q never faults.
+inline void prefetch_q(const Problem& p, const void* at) {
+  if (p.ahead) _mm_prefetch(static_cast<const char*>(at) + p.ahead, _MM_HINT_T1);
+}
 
 #include "kernels_fp32.inc"  // scalar / AVX-512 / AVX2 loops, x in fp32
 #include "kernels_vnni.inc"  // AVX-512 VNNI loops, x rounded to int8
@@ -216,7 +238,7 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
     return ffi::Error::InvalidArgument("nanojax quant kernel: scale must be float32 or bfloat16");
   }
   Problem p{M, I, O, G, xp, nullptr, nullptr, q.untyped_data(), sp, nullptr, 0, nullptr, nullptr, nullptr,
-              nullptr, 0, nullptr, nullptr};
+              nullptr, 0, nullptr, nullptr, prefetch_distance()};
   if (want == kInt8Q8 && !int8_vnni_shape(p)) want = kInt8;
   Kind kind;
   const Isa& isa = isa_for(want, &kind);
