@@ -154,7 +154,7 @@ ffi::Error DecodeAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   const AttnProblem p{R, N, H, kv_heads, C, q.typed_data(), k.typed_data(), v.typed_data(),
                       rows.typed_data(), lens.typed_data(), out->typed_data()};
   const bool avx512 = use_avx512(H);
-  nj::parallel_units(pool, R * kv_heads, [&](int64_t u) {
+  nj::parallel_units_spinning(pool, R * kv_heads, [&](int64_t u) {
     thread_local std::vector<float> buf;
     run_unit(p, avx512, u, buf);
   });

@@ -325,7 +325,7 @@ void run_split_rows(xla::ffi::ThreadPool& pool, const Fp32Problem& p, Tier tier)
   float* part = nk > 1 ? scratch(part_buf, static_cast<size_t>((nk - 1) * p.M * p.O)) : nullptr;
   std::unique_ptr<std::atomic<int64_t>[]> done(new std::atomic<int64_t>[ns]);
   for (int64_t s = 0; s < ns; ++s) done[s].store(0, std::memory_order_relaxed);
-  nj::parallel_units(pool, nk * ns, [&](int64_t u) {
+  nj::parallel_units_spinning(pool, nk * ns, [&](int64_t u) {
     const int64_t k = u / ns, s = u % ns;
     const int64_t c0 = s * sw, nc = std::min(sw, p.O - c0);
     float* dst = k == 0 ? p.y + c0 : part + (k - 1) * p.M * p.O + c0;
@@ -347,7 +347,7 @@ void run_split_cols(xla::ffi::ThreadPool& pool, const Fp32Problem& p, Tier tier)
   // [64, kMaxSlab]. The width changes no result.
   int64_t slab = std::clamp<int64_t>((p.O + 2 * threads - 1) / (2 * threads), 64, kMaxSlab);
   slab = (slab + 15) / 16 * 16;
-  nj::parallel_units(pool, (p.O + slab - 1) / slab, [&](int64_t s) {
+  nj::parallel_units_spinning(pool, (p.O + slab - 1) / slab, [&](int64_t s) {
     thread_local std::vector<float> chunk_buf;
     const int64_t c0 = s * slab, nc = std::min(slab, p.O - c0);
     run_chain(p, tier, 0, std::min(p.I, kChunk), c0, nc, p.y + c0, p.O);

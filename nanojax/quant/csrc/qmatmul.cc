@@ -267,7 +267,7 @@ ffi::Error compute(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer q, ffi
   // ~64 KiB of weights per chunk keeps the claim overhead negligible and the two cores balanced.
   const int64_t row_bytes = int4 ? I / 2 : I;
   const int64_t chunk = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, row_bytes));
-  nj::parallel_units(pool, (O + chunk - 1) / chunk,
+  nj::parallel_units_spinning(pool, (O + chunk - 1) / chunk,
                      [&](int64_t c) { run_rows(p, isa, kind, c * chunk, std::min(O, (c + 1) * chunk)); });
   if (out_bf16) {
     uint16_t* dst = static_cast<uint16_t*>(y->untyped_data());
