@@ -40,8 +40,8 @@ def _categorize(op: str, hlo: str, comps: dict[str, str]) -> str:
     body = comps.get(called.group(1), "") if called else ""
     meta = re.search(r'op_name="([^"]*)"', line)
     meta = meta.group(1) if meta else ""
-    if "custom_call_target" in line:  # the CPU matmul kernels (the attention ones are not in decode)
-        return "matmuls"
+    if "custom_call_target" in line:  # the CPU kernels: decode attention, or a matmul
+        return "attention dots" if "attention" in line else "matmuls"
     if op.startswith("dot"):
         return "attention dots" if "batch_dims" in line else "matmuls"
     if re.search(r"reduce(_max|_min)?$", meta) and re.search(r"\[\d+,\d{4,}\]", line + body):

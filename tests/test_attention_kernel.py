@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 
-def _oracle(q, k, v, rows, lens, K):
+def _oracle(q, k, v, rows, lens, K, starts=None):
     R, N, H = q.shape
     G, C = N // K, k.shape[1]
     out = np.zeros((R, N, H))
     for r in range(R):
-        n_pos = min(max(int(lens[r]), 1), C)
+        end = min(max(int(lens[r]), 1), C)
+        start = 0 if starts is None else min(max(int(starts[r]), 0), end - 1)
         for n in range(N):
-            kk = k[rows[r] * K + n // G, :n_pos].astype(np.float64)
-            vv = v[rows[r] * K + n // G, :n_pos].astype(np.float64)
+            kk = k[rows[r] * K + n // G, start:end].astype(np.float64)
+            vv = v[rows[r] * K + n // G, start:end].astype(np.float64)
             s = kk @ q[r, n].astype(np.float64) / np.sqrt(H)
             p = np.exp(s - s.max())
             out[r, n] = (p / p.sum()) @ vv
@@ -34,14 +35,17 @@ def _case(H, seed=0, R=4, N=6, K=2, S=5, C=40):
     return q, k, v, rows, lens, K
 
 
-@pytest.mark.parametrize("H,isa", [(32, "avx512"), (32, "scalar"), (24, "avx512")],
-                         ids=["avx512", "scalar", "odd-head-size"])
-def test_decode_attention_matches_numpy(kernels, monkeypatch, H, isa):
+@pytest.mark.parametrize("H,isa,starts", [(32, "avx512", None), (32, "scalar", None), (24, "avx512", None),
+                                          (32, "avx512", [0, 5, 16, 50]), (32, "scalar", [0, 5, 16, 50])],
+                         ids=["avx512", "scalar", "odd-head-size", "avx512-starts", "scalar-starts"])
+def test_decode_attention_matches_numpy(kernels, monkeypatch, H, isa, starts):
+    # starts (generate's left padding): from 0, inside, the last position, past lens (clamped)
     monkeypatch.setenv("NANOJAX_KERNEL_ISA", isa)  # read at each call; H % 16 != 0 is always scalar
     q, k, v, rows, lens, K = _case(H)
+    st = None if starts is None else jnp.asarray(starts, jnp.int32)
     out = np.asarray(kernels.decode_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                              jnp.asarray(rows), jnp.asarray(lens), K))
-    np.testing.assert_allclose(out, _oracle(q, k, v, rows, lens, K), rtol=2e-5, atol=2e-5)
+                                              jnp.asarray(rows), jnp.asarray(lens), K, starts=st))
+    np.testing.assert_allclose(out, _oracle(q, k, v, rows, lens, K, starts), rtol=2e-5, atol=2e-5)
 
 
 def test_a_rows_result_does_not_depend_on_the_batch(kernels):
@@ -61,9 +65,10 @@ def test_decode_attention_refuses_bad_shapes(kernels):
         kernels.decode_attention(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k), jnp.asarray(v), rows, lens, K)
 
 
-def test_engine_tokens_equal_generate_through_the_kernel(kernels):
+def test_engine_and_generate_through_the_kernel_equal_xla(kernels):
     # Head size 16: the kernel's AVX-512 loop where the CPU has it (checked); tests/test_scheduler.py's
-    # engine (head size 8) runs XLA's window path against the same oracle.
+    # engine (head size 8) runs XLA's window path against the same oracle. generate's decode loop
+    # takes the kernel too, with its left padding as each row's start (prompts 3, 21, 9 in one batch).
     from conftest import np_params
 
     import nanojax as nj
@@ -76,7 +81,8 @@ def test_engine_tokens_equal_generate_through_the_kernel(kernels):
     params = np_params(cfg, 3)
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 21, 9)]
-    want = nj.generate(params, cfg, prompts, max_new_tokens=12)
+    want = nj.generate(params, cfg.replace(attn_impl="xla"), prompts, max_new_tokens=12)  # XLA's dots
+    np.testing.assert_array_equal(nj.generate(params, cfg, prompts, max_new_tokens=12), want)
     avx512 = kernels.kernels_info()["vector_bits"] == 512
     assert SL.use_attention_kernel(cfg, SL.new_cache(cfg, 1, None)) == avx512
     eng = Engine(params, cfg, None, slots=2, max_queue=8, chunk_size=4, prefix_cache_tokens=0).start()

@@ -51,6 +51,7 @@ from nanojax.attention import attention
 from nanojax.config import ModelConfig
 from nanojax.kernels import decode_attention
 from nanojax.model import Params, hidden_states, rope_table, unembed
+from nanojax.quant import ffi
 from nanojax.sampling import SamplerSpec, sample
 
 Cache = list[tuple[jax.Array, jax.Array]]  # per layer (k, v), each [B*K, W, H] (module docstring)
@@ -182,6 +183,28 @@ def _prefill(params: Params, tokens: jax.Array, pad: jax.Array, seed: jax.Array,
     return cache, _accept(state, logits, spec, knobs, stops)
 
 
+def _kernel_decode_attention(q: jax.Array, kc: jax.Array, vc: jax.Array, slot: jax.Array,
+                             pad: jax.Array) -> jax.Array:
+    """`_decode_attention` through the CPU kernel (nanojax.quant.ffi.decode_attention): each (row, kv
+    head) reads only its slots [pad[b], slot] of the window, in place, on both cores, with the
+    softmax fused; XLA's batched dots read the whole window on one thread. q: (B, 1, N, H) float32;
+    kc, vc: (B*K, W, H) float32. Returns (B, 1, N, H)."""
+    B = q.shape[0]
+    K = kc.shape[0] // B
+    lens = jnp.broadcast_to(slot + 1, (B,)).astype(jnp.int32)
+    out = ffi.decode_attention(q[:, 0], kc, vc, jnp.arange(B, dtype=jnp.int32), lens, K, starts=pad)
+    return out[:, None]
+
+
+def use_attention_kernel(cfg: ModelConfig, cache: Any) -> bool:
+    """Whether the decode loop attends with the CPU kernel: attn_impl "auto", an fp32 cache (not
+    Int8KV) on the CPU with the kernels' AVX-512 loop; NANOJAX_ATTN_KERNEL=0 turns it off (read at
+    trace time)."""
+    kc = cache[0][0]
+    return (cfg.attn_impl == "auto" and not isinstance(kc, Int8KV) and kc.dtype == jnp.float32
+            and ffi.attention_kernel_enabled(cfg.resolved_head_dim))
+
+
 def _decode_attention(q: jax.Array, kc: Any, vc: Any, slot: jax.Array, pad: jax.Array) -> jax.Array:
     """One query per row over cache slots [pad[b], slot] of a W-slot cache.
 
@@ -256,6 +279,8 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
     """Decodes while t < limit, the fed slot is inside `window`, and some row is not done.
     A cache shorter than `window` slots is first padded to it."""
     rope = window_rope(cfg, window)  # made once, read by every step (window_rope says why)
+    attn = (_pallas_decode_attention if cfg.attn_impl == "pallas" else
+            _kernel_decode_attention if use_attention_kernel(cfg, cache) else _decode_attention)
 
     def cond(carry):
         _, st = carry
@@ -270,7 +295,6 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
         def attend(q, k, v, layer_cache):
             kc, vc = layer_cache
             kc, vc = _write(kc, _heads_first(k), slot), _write(vc, _heads_first(v), slot)
-            attn = _pallas_decode_attention if cfg.attn_impl == "pallas" else _decode_attention
             return attn(q, kc, vc, slot, pad), (kc, vc)
 
         positions = (slot - pad)[:, None]  # (B, 1)

@@ -60,6 +60,7 @@ from nanojax.infer.engine import (
     _new_cache,
     _next_pow2,
     _write,
+    use_attention_kernel,  # decode_chunk's choice too: the CPU kernel, else XLA's dots over a window
 )
 from nanojax.model import Params, hidden_states, rope_table, unembed
 from nanojax.quant import ffi
@@ -422,15 +423,6 @@ def _decode_chunk(params: Params, cache: SlotCache, rows: dict[str, jax.Array], 
     cache = [(_put_window_rows(kc, kw, rows["slot"], K), _put_window_rows(vc, vw, rows["slot"], K))
              for (kc, vc), (kw, vw) in zip(cache, windows, strict=True)]
     return cache, dict(out, state=st)
-
-
-def use_attention_kernel(cfg: ModelConfig, cache: SlotCache) -> bool:
-    """Whether decode_chunk attends with the CPU kernel (nanojax.quant.ffi.decode_attention): an fp32
-    cache (not Int8KV) on the CPU with the kernels' AVX-512 loop; NANOJAX_ATTN_KERNEL=0 turns it
-    off (read at trace time). XLA's batched dots over a window otherwise."""
-    kc = cache[0][0]
-    return (not isinstance(kc, Int8KV) and kc.dtype == jnp.float32
-            and ffi.attention_kernel_enabled(cfg.resolved_head_dim))
 
 
 @functools.cache

@@ -371,12 +371,13 @@ def attention_kernel_enabled(head_dim: int) -> bool:
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, lens: jax.Array,
-                     kv_heads: int) -> jax.Array:
+                     kv_heads: int, starts: jax.Array | None = None) -> jax.Array:
     """One query per row over its own slot of the cache, on the CPU.
 
     q float32 (R, N, H); k, v float32 (S*K, C, H) (K = kv_heads; slot s's kv head j is row s*K + j),
-    read in place; rows int32 (R,): each query row's slot; lens int32 (R,): it attends to cache
-    positions [0, lens[r]) (clamped to [1, C]). Query head n uses kv head n // (N / K). Returns
+    read in place; rows int32 (R,): each query row's slot; lens int32 (R,) and starts int32 (R,)
+    (default zeros): it attends to cache positions [starts[r], lens[r]) (lens clamped to [1, C],
+    starts to [0, lens - 1]). Query head n uses kv head n // (N / K). Returns
     float32 (R, N, H) = softmax(q k^T / sqrt(H)) v per row and head; a row's result does not depend
     on the other rows. Needs the kernels (`kernels_available()`).
     """
@@ -391,7 +392,9 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, rows: jax.Array, 
                            "them with `make kernels`")
     call = jax.ffi.ffi_call(_ATTN_TARGET, jax.ShapeDtypeStruct((R, N, H), jnp.float32),
                             vmap_method="sequential")
-    return call(q, k, v, rows.astype(jnp.int32), lens.astype(jnp.int32), kv_heads=np.int64(kv_heads))
+    starts = jnp.zeros((R,), jnp.int32) if starts is None else starts
+    return call(q, k, v, rows.astype(jnp.int32), lens.astype(jnp.int32), jnp.asarray(starts, jnp.int32),
+                kv_heads=np.int64(kv_heads))
 
 
 def adamw_kernel_enabled() -> bool:

@@ -1,10 +1,12 @@
 // Decode attention over the serving engine's slot KV cache, as an XLA FFI custom call on the CPU.
 //
 //   out (R, N, H) = softmax(q k^T * H^-0.5) v   for each row r and query head n, over cache positions
-//   [0, lens[r]) of cache rows rows[r] * K + n / G (K kv heads, G = N / K query heads per kv head).
+//   [starts[r], lens[r]) of cache rows rows[r] * K + n / G (K kv heads, G = N / K query heads per kv
+//   head).
 //
-//   q (R, N, H) fp32; k, v (S * K, C, H) fp32 (infer/slots.py's cache, read in place); rows, lens
-//   int32 (R,); out (R, N, H) fp32.
+//   q (R, N, H) fp32; k, v (S * K, C, H) fp32 (infer/slots.py's slot cache or infer/engine.py's
+//   window, read in place); rows, lens, starts int32 (R,) (starts: generate's left padding, 0 in
+//   the slot engine); out (R, N, H) fp32.
 //
 // Why: XLA:CPU runs the two batched products of one-query attention (a (1, H) x (H, W) dot per row
 // and kv head) on one thread at ~11-16 GB/s, and over the whole attention window W of the batch (the
@@ -45,6 +47,7 @@ struct AttnProblem {
   const float* v;       // (S*K, C, H)
   const int32_t* rows;  // (R,)
   const int32_t* lens;  // (R,)
+  const int32_t* starts;  // (R,)
   float* out;           // (R, N, H)
 };
 
@@ -103,14 +106,17 @@ void mix_scalar(const float* p, int64_t G, const float* v, int64_t n, int64_t H,
     }
 }
 
-// One (row, kv head) unit: its G query heads over its cache row's first lens[r] positions.
+// One (row, kv head) unit: its G query heads over its cache row's positions [starts[r], lens[r])
+// (lens clamped to [1, C], starts to [0, lens - 1]: at least one position).
 void run_unit(const AttnProblem& p, bool avx512, int64_t u, std::vector<float>& buf) {
   const int64_t r = u / p.K, kh = u % p.K, G = p.N / p.K, H = p.H;
-  const int64_t n = std::clamp<int64_t>(p.lens[r], 1, p.C);
+  const int64_t end = std::clamp<int64_t>(p.lens[r], 1, p.C);
+  const int64_t start = std::clamp<int64_t>(p.starts[r], 0, end - 1);
+  const int64_t n = end - start;
   const int64_t cache_row = int64_t(p.rows[r]) * p.K + kh;
   const float* q = p.q + (r * p.N + kh * G) * H;
-  const float* k = p.k + cache_row * p.C * H;
-  const float* v = p.v + cache_row * p.C * H;
+  const float* k = p.k + (cache_row * p.C + start) * H;
+  const float* v = p.v + (cache_row * p.C + start) * H;
   float* out = p.out + (r * p.N + kh * G) * H;
   buf.resize(G * n);
   float* s = buf.data();
@@ -136,7 +142,7 @@ void run_unit(const AttnProblem& p, bool avx512, int64_t u, std::vector<float>& 
 
 ffi::Error DecodeAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> rows, ffi::Buffer<ffi::S32> lens,
-                          ffi::ResultBuffer<ffi::F32> out, int64_t kv_heads) {
+                          ffi::Buffer<ffi::S32> starts, ffi::ResultBuffer<ffi::F32> out, int64_t kv_heads) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2])
     return ffi::Error::InvalidArgument("nanojax decode attention: q (R, N, H), k and v (S*K, C, H)");
@@ -144,15 +150,15 @@ ffi::Error DecodeAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
   if (kv_heads < 1 || N % kv_heads != 0 || kd[0] % kv_heads != 0 || kd[2] != H)
     return ffi::Error::InvalidArgument("nanojax decode attention: N and S*K must be multiples of kv_heads, "
                                        "and k's head size must be q's");
-  if (rows.element_count() != R || lens.element_count() != R)
-    return ffi::Error::InvalidArgument("nanojax decode attention: rows and lens need one entry per row of q");
+  if (rows.element_count() != R || lens.element_count() != R || starts.element_count() != R)
+    return ffi::Error::InvalidArgument("nanojax decode attention: rows, lens and starts need one entry per row of q");
   const int64_t slots = kd[0] / kv_heads;
   for (int64_t r = 0; r < R; ++r)
     if (rows.typed_data()[r] < 0 || rows.typed_data()[r] >= slots)
       return ffi::Error::InvalidArgument("nanojax decode attention: a row's slot is outside the cache");
   if (R == 0 || C == 0) return ffi::Error::Success();
   const AttnProblem p{R, N, H, kv_heads, C, q.typed_data(), k.typed_data(), v.typed_data(),
-                      rows.typed_data(), lens.typed_data(), out->typed_data()};
+                      rows.typed_data(), lens.typed_data(), starts.typed_data(), out->typed_data()};
   const bool avx512 = use_avx512(H);
   nj::parallel_units_spinning(pool, R * kv_heads, [&](int64_t u) {
     thread_local std::vector<float> buf;
@@ -171,6 +177,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NjDecodeAttention, DecodeAttnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v (S*K, C, H)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // rows (R,)
                                   .Arg<ffi::Buffer<ffi::S32>>()  // lens (R,)
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // starts (R,)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // out (R, N, H)
                                   .Attr<int64_t>("kv_heads"));
 
