@@ -25,6 +25,9 @@ flags.DEFINE_enum("scheme", "int8", ["int8", "int4"], "int8 (per output channel)
 flags.DEFINE_integer("group_size", None, "Inputs per scale (int4: 32, 64 or 128; default 32; int8: "
                      "default one scale per output channel).")
 flags.DEFINE_boolean("embeddings", True, "Also hold the embedding tables and the head in int8.")
+flags.DEFINE_enum("kernel_activations", "fp32", ["fp32", "int8"],
+                  "x inside the quantized CPU kernels: fp32 (exact), or int8 per 32-block on a VNNI CPU "
+                  "(llama.cpp's Q8_0 scheme: faster, docs/quantization.md).")
 flags.DEFINE_string("out", None, "Output directory.", required=True)
 FLAGS = flags.FLAGS
 
@@ -43,7 +46,8 @@ def main(argv):
             tok = load_tokenizer(FLAGS.hf_dir)
         except FileNotFoundError:
             tok = None
-    q = nj.quantize(params, cfg, FLAGS.scheme, FLAGS.group_size, embeddings=FLAGS.embeddings)
+    q = nj.quantize(params, cfg, FLAGS.scheme, FLAGS.group_size, embeddings=FLAGS.embeddings,
+                    kernel_activations=FLAGS.kernel_activations)
     out = save_quantized(q, cfg, FLAGS.out, tokenizer=tok)
     before, after = weight_bytes(params), weight_bytes(q)
     print(f"{out}: {FLAGS.scheme} weights {after:,} bytes ({after / before:.3f}x of {before:,})")

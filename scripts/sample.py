@@ -40,6 +40,9 @@ flags.DEFINE_boolean("stream", True, "Print text as it is generated (--nostream:
 flags.DEFINE_integer("chunk_size", 8, "Tokens per streamed chunk (one compiled decode call each).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("quant", None, ["int8", "int4"], "Quantize the weights on load (int4: group 32).")
+flags.DEFINE_enum("kernel_activations", "fp32", ["fp32", "int8"],
+                  "x inside the quantized CPU kernels: fp32 (exact), or int8 per 32-block on a VNNI CPU "
+                  "(llama.cpp's Q8_0 scheme: faster, docs/quantization.md).")
 flags.DEFINE_enum("kv_cache_dtype", None, ["int8"], "Hold the KV cache in int8 (per token, kv head).")
 FLAGS = flags.FLAGS
 
@@ -72,7 +75,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs a restore at INFO; --v=1 brings it back
     cfg, params, tok, stop_ids, prefix, adapter = _load()
     if FLAGS.quant:
-        params = nj.quantize(params, cfg, FLAGS.quant)
+        params = nj.quantize(params, cfg, FLAGS.quant, kernel_activations=FLAGS.kernel_activations)
     ids = prefix + tok.encode(FLAGS.prompt)
     if not ids:
         raise app.UsageError("the prompt encodes to no tokens; pass a non-empty --prompt")
