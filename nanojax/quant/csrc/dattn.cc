@@ -1,4 +1,5 @@
-// Decode attention over the serving engine's slot KV cache, as an XLA FFI custom call on the CPU.
+// Decode attention over a KV cache read in place (the serving engine's slots, generate's window), as
+// an XLA FFI custom call on the CPU.
 //
 //   out (R, N, H) = softmax(q k^T * H^-0.5) v   for each row r and query head n, over cache positions
 //   [starts[r], lens[r]) of cache rows rows[r] * K + n / G (K kv heads, G = N / K query heads per kv
@@ -151,7 +152,8 @@ ffi::Error DecodeAttnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
     return ffi::Error::InvalidArgument("nanojax decode attention: N and S*K must be multiples of kv_heads, "
                                        "and k's head size must be q's");
   if (rows.element_count() != R || lens.element_count() != R || starts.element_count() != R)
-    return ffi::Error::InvalidArgument("nanojax decode attention: rows, lens and starts need one entry per row of q");
+    return ffi::Error::InvalidArgument(
+        "nanojax decode attention: rows, lens and starts need one entry per row of q");
   const int64_t slots = kd[0] / kv_heads;
   for (int64_t r = 0; r < R; ++r)
     if (rows.typed_data()[r] < 0 || rows.typed_data()[r] >= slots)

@@ -27,10 +27,10 @@
 //    per thread), each walking all chunks in order, chunk 0 into y and the others into a scratch
 //    added to y right after.
 // At M = 1 the row split's units stream their rows front to back (run_stream, slabs up to
-// kStreamWide columns); otherwise both forms walk their rows in tiles of kRows rows x kGroup columns: every register block of rows of x
-// passes over a tile while it is in L1, and the first pass prefetches the same columns of the
-// next tile (kRows rows further) into L2, so DRAM reads overlap the FMAs of the current tile
-// (not at M <= 2 on a matrix as wide as the head: run_chain).
+// kStreamWide columns). Otherwise both forms walk their rows in tiles of kRows rows x kGroup
+// columns: every register block of rows of x passes over a tile while it is in L1, and the first
+// pass prefetches the same columns of the next tile (kRows rows further) into L2, so DRAM reads
+// overlap the FMAs of the current tile (not at M <= 2 on a matrix as wide as the head: run_chain).
 // Register blocks are 8 rows x 3 zmm (AVX-512) down to 1 x 12; every loop over a block's rows and
 // vectors is unrolled, without which GCC 12 kept the accumulators in memory and stored them all
 // on every row of w (the earlier kernel's 4 x 4 block did).
@@ -248,8 +248,8 @@ void run_chain(const Fp32Problem& p, Tier tier, int64_t i0, int64_t i1, int64_t 
 // in row order: the same chain, hence the same bits, as run_chain's tiles. The walk is linear in
 // memory (a tile of run_chain jumps a whole row of w every 0.75 KiB), so the hardware prefetcher
 // alone streams it; a software prefetch 2 or 4 rows ahead measured no better on the layers and
-// worse on the head. Measured: 1.05-1.09x the tiled walk on llama-134m's layers, 1.19x on its
-// 768 x 32000 head (docs/performance.md).
+// worse on the head. Measured: 1.05-1.09x the tiled walk on llama-134m's layers, 1.15-1.19x on
+// its 768 x 32000 head (docs/performance.md, "Decode, third pass").
 
 template <int R>
 __attribute__((target("avx512f,fma"))) void stream_rows_avx512(

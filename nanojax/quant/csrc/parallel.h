@@ -18,9 +18,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
-#include <memory>
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -65,7 +65,8 @@ class Helpers {
     {
       std::lock_guard<std::mutex> lock(mu_);
       while (static_cast<int64_t>(threads_) < n) {
-        std::thread([this, t = threads_] { loop(t); }).detach();
+        // It starts from the generation before this job's, so it takes this job too.
+        std::thread([this, t = threads_, g = gen_.load(std::memory_order_relaxed)] { loop(t, g); }).detach();
         ++threads_;
       }
       job_ = std::move(job);
@@ -85,8 +86,7 @@ class Helpers {
     return us;
   }
 
-  void loop(int64_t index) {
-    uint64_t seen = gen_.load(std::memory_order_acquire);
+  void loop(int64_t index, uint64_t seen) {
     for (;;) {
       const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us());
       for (int spin = 1; gen_.load(std::memory_order_acquire) == seen; ++spin) {
