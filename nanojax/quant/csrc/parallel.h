@@ -119,63 +119,54 @@ class Helpers {
   size_t threads_ = 0;
 };
 
-// Runs unit(u) once for every u in [0, n), on the caller and up to kernel_threads(pool) - 1 helpers;
-// returns when all n are done. `unit` may capture the caller's locals by reference: it only runs on
-// claimed units, and every claimed unit finishes before this returns.
+// The units of one call, claimed from an atomic counter by whoever runs it (caller or helper).
 template <class Unit>
-void parallel_units(xla::ffi::ThreadPool& pool, int64_t n, const Unit& unit) {
-  struct State {
-    const Unit& unit;
-    int64_t n;
-    std::atomic<int64_t> next{0}, done{0};
-    State(const Unit& u, int64_t count) : unit(u), n(count) {}
-  };
-  const auto work = [](State& s) {
+struct Units : Job {
+  const Unit& unit;
+  int64_t n;
+  std::atomic<int64_t> next{0}, done{0};
+  Units(const Unit& u, int64_t count) : unit(u), n(count) {}
+  void run() override {
     for (;;) {
-      const int64_t u = s.next.fetch_add(1, std::memory_order_relaxed);
-      if (u >= s.n) return;
-      s.unit(u);
-      s.done.fetch_add(1, std::memory_order_release);
+      const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
+      if (u >= n) return;
+      unit(u);
+      done.fetch_add(1, std::memory_order_release);
     }
-  };
-  auto st = std::make_shared<State>(unit, n);  // shared: a late helper may outlive this call
+  }
+};
+
+// Runs unit(u) once for every u in [0, n), on the caller and up to kernel_threads(pool) - 1 helpers
+// (XLA's pool, or the spinning Helpers when `spinning`); returns when all n are done. `unit` may
+// capture the caller's locals by reference: it only runs on claimed units, and every claimed unit
+// finishes before this returns.
+template <class Unit>
+void run_units(xla::ffi::ThreadPool& pool, int64_t n, const Unit& unit, bool spinning) {
+  auto st = std::make_shared<Units<Unit>>(unit, n);  // shared: a late helper may outlive this call
   const int64_t helpers = std::min(kernel_threads(pool) - 1, n - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([st, work] { work(*st); });
-  work(*st);
+  if (spinning && helpers > 0) Helpers::instance().post(helpers, st);
+  if (!spinning)
+    for (int64_t t = 0; t < helpers; ++t) pool.Schedule([st] { st->run(); });
+  st->run();
   for (int spin = 0; st->done.load(std::memory_order_acquire) < n; ++spin) {
     _mm_pause();
     if (spin % 256 == 255) std::this_thread::yield();
   }
 }
 
-// parallel_units with the spinning helpers above instead of XLA's pool: for the decode kernels,
-// whose calls come back to back (85 a token at llama-134m, a few to tens of us apart). The training
-// kernels keep XLA's pool: their calls sit between XLA's own two-thread matmuls, which a helper
-// spinning on the other core would slow (measured: the quickstart step 2-10% slower with it).
+// The training kernels: helpers from XLA's intra-op pool. Their calls sit between XLA's own
+// two-thread matmuls, which a helper spinning on the other core would slow (measured: the
+// quickstart step 2-10% slower with the spinning helpers).
+template <class Unit>
+void parallel_units(xla::ffi::ThreadPool& pool, int64_t n, const Unit& unit) {
+  run_units(pool, n, unit, false);
+}
+
+// The decode kernels: the spinning helpers above, since their calls come back to back (85 a token
+// at llama-134m, a few to tens of us apart).
 template <class Unit>
 void parallel_units_spinning(xla::ffi::ThreadPool& pool, int64_t n, const Unit& unit) {
-  struct State : Job {
-    const Unit& unit;
-    int64_t n;
-    std::atomic<int64_t> next{0}, done{0};
-    State(const Unit& u, int64_t count) : unit(u), n(count) {}
-    void run() override {
-      for (;;) {
-        const int64_t u = next.fetch_add(1, std::memory_order_relaxed);
-        if (u >= n) return;
-        unit(u);
-        done.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  auto st = std::make_shared<State>(unit, n);  // shared: a late helper may outlive this call
-  const int64_t helpers = std::min(kernel_threads(pool) - 1, n - 1);
-  if (helpers > 0) Helpers::instance().post(helpers, st);
-  st->run();
-  for (int spin = 0; st->done.load(std::memory_order_acquire) < n; ++spin) {
-    _mm_pause();
-    if (spin % 256 == 255) std::this_thread::yield();
-  }
+  run_units(pool, n, unit, true);
 }
 
 }  // namespace nj
