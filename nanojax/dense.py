@@ -55,6 +55,18 @@ def dense(x: jax.Array, w: jax.Array | Weight, dtype: jnp.dtype) -> jax.Array:
     return matmul(x, w.reshape(x.shape[-1], -1).astype(dtype))
 
 
+def dense_transposed(x: jax.Array, table: jax.Array | Table, dtype: jnp.dtype) -> jax.Array:
+    """x (M, I) @ table.T -> (M, O) in the compute dtype, for a table stored (O, I): the tied head.
+
+    Where the MKL gemm kernel runs (`use_gemm_kernel`), all three products read the table in its
+    own layout (`matmul_transposed`), so neither the forward nor the gradient copies a transposed
+    (I, O) table (at GPT-2 124M two 154 MB transposes a step); otherwise it is dense(x, table.T)."""
+    if (isinstance(table, Table) or jnp.dtype(dtype) != jnp.float32
+            or not use_gemm_kernel(x, table)):  # (its checks hold for table.T too)
+        return dense(x, table.T, dtype)
+    return matmul_transposed(x, table)
+
+
 # A jit-cache-sensitive switch (a changed value re-traces), so one process can time the kernel
 # against XLA's dot: `with fp32_kernel(False): ...`. None: NANOJAX_FP32_KERNEL decides.
 _FP32_KERNEL = jax.make_user_context(default_value=None)
@@ -101,11 +113,29 @@ def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
             and ffi.fp32_kernel_enabled(force=_FP32_KERNEL.value is True))
 
 
+def use_gemm_kernel(x: jax.Array, w: jax.Array) -> bool:
+    """Whether `matmul` runs x @ w and both backward products on the MKL gemm kernel
+    (nanojax.kernels.cpu_gemm): x (M, I) with M > FP32_KERNEL_MAX_ROWS (a training or prefill
+    batch), x and w float32, not under a sharded trace, w on one device, and
+    `cpu_gemm.enabled()` (MKL built in, a CPU family it was measured faster on or
+    NANOJAX_GEMM_KERNEL=1; off with NANOJAX_GEMM_KERNEL=0 or `with cpu_gemm.gemm_kernel(False)`)."""
+    from nanojax.kernels import cpu_gemm
+    from nanojax.model import ACTIVATION_CONSTRAINT  # model imports this module
+
+    return (x.ndim == 2 and w.ndim == 2 and x.shape[0] >= cpu_gemm.MIN_ROWS
+            and x.dtype == jnp.float32 and w.dtype == jnp.float32
+            and ACTIVATION_CONSTRAINT.get() is None and _local(w) and cpu_gemm.enabled())
+
+
 def _product(x: jax.Array, w: jax.Array) -> jax.Array:
     if use_fp32_kernel(x, w):
         from nanojax.quant import ffi
 
         return ffi.fp32_matmul(x, w)
+    if use_gemm_kernel(x, w):
+        from nanojax.kernels import cpu_gemm
+
+        return cpu_gemm.gemm(x, w)
     return x @ w
 
 
@@ -115,8 +145,9 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
     A custom VJP writes the weight gradient as an explicit 2-D matmul of a transposed operand;
     the dot XLA derives (contracting dim 0 of both sides) missed the fast CPU matmul library.
-    The forward of a decode-sized fp32 product runs the C++ kernel (`use_fp32_kernel`); the
-    backward is always XLA's dots.
+    The forward of a decode-sized fp32 product runs the C++ kernel (`use_fp32_kernel`); a
+    training-sized one runs all three products on MKL's sgemm where `use_gemm_kernel` says so
+    (the transposes read in place); everything else is XLA's dots.
     """
     return _product(x, w)
 
@@ -127,7 +158,38 @@ def _matmul_fwd(x, w):
 
 def _matmul_bwd(res, g):
     x, w = res
+    if g.dtype == jnp.float32 and use_gemm_kernel(x, w):
+        from nanojax.kernels import cpu_gemm
+
+        return cpu_gemm.gemm(g, w, transpose_b=True), cpu_gemm.gemm(x, g, transpose_a=True)
     return g @ w.T, (x.T @ g).astype(w.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def matmul_transposed(x: jax.Array, table: jax.Array) -> jax.Array:
+    """(M, I) @ (O, I).T -> (M, O) on the MKL gemm kernel (nanojax.kernels.cpu_gemm), the table
+    read in place; the gradients are the kernel's products too (table's in its (O, I) layout).
+    Needs `cpu_gemm.available()`: `dense_transposed` checks `use_gemm_kernel` first."""
+    from nanojax.kernels import cpu_gemm
+
+    return cpu_gemm.gemm(x, table, transpose_b=True)
+
+
+def _matmul_transposed_fwd(x, table):
+    from nanojax.kernels import cpu_gemm
+
+    return cpu_gemm.gemm(x, table, transpose_b=True), (x, table)
+
+
+def _matmul_transposed_bwd(res, g):
+    from nanojax.kernels import cpu_gemm
+
+    x, table = res
+    g = g.astype(jnp.float32)
+    return cpu_gemm.gemm(g, table), cpu_gemm.gemm(g, x, transpose_a=True)
+
+
+matmul_transposed.defvjp(_matmul_transposed_fwd, _matmul_transposed_bwd)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from nanojax.attention import attention
 from nanojax.config import REMAT, ModelConfig
-from nanojax.dense import dense, lookup
+from nanojax.dense import dense, dense_transposed, lookup
 
 Params = dict[str, Any]
 
@@ -362,8 +362,9 @@ def embed(params: Params, tokens: jax.Array, positions: jax.Array, cfg: ModelCon
 def unembed(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm and head. x: (M, D) -> float32 logits (M, V)."""
     x = norm(params["ln_f"], x, cfg)
-    head = params["wte"].T if cfg.tie_embeddings else params["lm_head"]  # (D, V)
-    return dense(x, head, cfg.compute_dtype).astype(jnp.float32)
+    if cfg.tie_embeddings:  # wte (V, D) is the head (D, V), read in place where it can be
+        return dense_transposed(x, params["wte"], cfg.compute_dtype).astype(jnp.float32)
+    return dense(x, params["lm_head"], cfg.compute_dtype).astype(jnp.float32)
 
 
 def hidden_states(

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nanojax  # noqa: E402,F401
 from nanojax import data as data_lib  # noqa: E402
-from nanojax.kernels import cpu_attention  # noqa: E402
+from nanojax.kernels import cpu_attention, cpu_gemm  # noqa: E402
 from nanojax.metrics import flops_per_token  # noqa: E402
 from nanojax.train import build, model_config_from  # noqa: E402
 
@@ -51,9 +51,10 @@ def step_cost(config) -> dict:
             raise app.UsageError(f"{e}\nOr give the vocabulary: --config.model.vocab_size=N") from None
     cfg = model_config_from(config, vocab)
     run = build(config, cfg)
-    # XLA counts the FLOPs of the ops it compiles, not of custom calls: trace the attention as XLA's
-    # dots here, so its count covers the whole step (the CPU kernel does the same work).
-    with cpu_attention.train_attention_kernel(False):
+    # XLA counts the FLOPs of the ops it compiles, not of custom calls: trace the attention and the
+    # dense products as XLA's dots here, so its count covers the whole step (the CPU kernels do the
+    # same work).
+    with cpu_attention.train_attention_kernel(False), cpu_gemm.gemm_kernel(False):
         compiled = run.step_fn.lower(*run.abstract_step_args(config.batch_size, config.grad_accum)).compile()
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, list) else ca

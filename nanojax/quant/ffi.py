@@ -39,7 +39,7 @@ import numpy as np
 from nanojax.quant import arrays as _layout
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "fattn.cc", "adamw.cc", "parallel.h",
+SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "fattn.cc", "adamw.cc", "gemm.cc", "parallel.h",
            "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 # The fp32 kernel beats XLA's dot up to 32 rows (the serving engine's 8-32 slots; docs/performance.md).
@@ -55,6 +55,9 @@ _TARGETS = {"int8": "nanojax_int8_matmul", "int4": "nanojax_int4_matmul"}
 _FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ w (I, O), M <= FP32_KERNEL_MAX_ROWS
 _ATTN_TARGET = "nanojax_decode_attention"  # csrc/dattn.cc: one query per row over the slot cache
 _ADAMW_TARGET = "nanojax_adamw"  # csrc/adamw.cc: the whole clipped AdamW update, in place
+GEMM_TARGET = "nanojax_gemm"  # csrc/gemm.cc: fp32 op(a) @ op(b) on MKL's sgemm (nanojax.kernels.cpu_gemm)
+# The static MKL archives gemm.cc links (sequential layer, 32-bit ints), in link order.
+_MKL_ARCHIVES = ("libmkl_intel_lp64.a", "libmkl_sequential.a", "libmkl_core.a")
 # csrc/fattn.cc: causal training attention, forward and backward (nanojax.kernels.cpu_attention)
 _TRAIN_ATTN_TARGETS = {"nanojax_causal_attention_fwd": "NjCausalAttentionFwd",
                        "nanojax_causal_attention_bwd": "NjCausalAttentionBwd"}
@@ -106,6 +109,38 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def mkl_static_dir() -> Path | None:
+    """The folder holding MKL's static archives: $NANOJAX_MKL_LIB, else the `mkl-static` package's
+    (pip install 'nanojax[mkl]'), else None (the library builds without the gemm kernel's BLAS).
+    NANOJAX_MKL_LIB=0 builds without it."""
+    env = os.environ.get("NANOJAX_MKL_LIB")
+    if env == "0":
+        return None
+    if env:
+        return Path(env)
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.distribution("mkl-static").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == _MKL_ARCHIVES[-1]:
+            found = Path(f.locate()).resolve().parent
+            return found if all((found / a).exists() for a in _MKL_ARCHIVES) else None
+    return None
+
+
+def _link_args() -> list[str]:
+    """Linker arguments for MKL, or [] without it. --exclude-libs keeps MKL's symbols inside the
+    library: loaded into a process that also holds PyTorch's MKL, neither binds to the other's."""
+    mkl = mkl_static_dir()
+    if mkl is None or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return ["-DNJ_WITH_MKL", "-Wl,--start-group", *(str(mkl / a) for a in _MKL_ARCHIVES),
+            "-Wl,--end-group", "-Wl,--exclude-libs,ALL", "-lpthread", "-lm", "-ldl"]
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("NANOJAX_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanojax", "kernels")
@@ -123,7 +158,10 @@ def library_path(cxx: str = "g++") -> Path:
         ver = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         ver = ""
-    h.update(f"{jaxlib.__version__}|{CXXFLAGS}|{ver.splitlines()[:1]}|{_cpu_flags()}|{platform.machine()}".encode())
+    link = _link_args()  # with MKL: the archives' paths, and their sizes and times below
+    mkl = [f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in map(Path, link) if p.suffix == ".a"]
+    h.update(f"{jaxlib.__version__}|{CXXFLAGS}|{ver.splitlines()[:1]}|{_cpu_flags()}|{platform.machine()}|"
+             f"{link}|{mkl}".encode())
     return _cache_dir() / h.hexdigest()[:16] / "libnjquant.so"
 
 
@@ -144,7 +182,7 @@ def build(cxx: str | None = None, verbose: bool = False) -> Path:
     # -march is left at the x86-64 baseline: the AVX2 / AVX-512 loops carry their own target
     # attributes and are chosen at run time, so the library runs on any x86-64 CPU.
     units = [str(CSRC / name) for name in SOURCES if name.endswith(".cc")]
-    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), *units, "-o", tmp]
+    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), *units, *_link_args(), "-o", tmp]
     if verbose:
         print(" ".join(cmd))
     try:
@@ -178,6 +216,7 @@ def _load() -> bool:
                 jax.ffi.register_ffi_target(_ATTN_TARGET, jax.ffi.pycapsule(lib.NjDecodeAttention),
                                             platform="cpu")
                 jax.ffi.register_ffi_target(_ADAMW_TARGET, jax.ffi.pycapsule(lib.NjAdamW), platform="cpu")
+                jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.NjGemm), platform="cpu")
                 for target, fn in _TRAIN_ATTN_TARGETS.items():  # csrc/fattn.cc, kernels/cpu_attention.py
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, fn)), platform="cpu")
                 lib.nj_attn_vector_bits.restype = ctypes.c_int
@@ -188,6 +227,7 @@ def _load() -> bool:
                 bits = lib.nj_quant_vector_bits()
                 _state["bits"], _state["vnni"] = bits & ~1, bool(bits & 1)
                 _state["fp32_bits"] = lib.nj_fp32_vector_bits()
+                _state["gemm_blas"] = "mkl" if lib.nj_gemm_blas() == 1 else None
                 _state["lib"] = lib  # keep the library loaded
             except (RuntimeError, OSError, AttributeError) as e:
                 why = str(e)
@@ -208,10 +248,12 @@ def kernels_available() -> bool:
 
 def kernels_info() -> dict:
     """What `kernels_available` found: {"available", "vector_bits" (512/256/0), "vnni" (int4 x int8
-    activations in integers), "fp32_vector_bits" (the fp32 kernel's loops), "why" (if not)}."""
+    activations in integers), "fp32_vector_bits" (the fp32 kernel's loops), "gemm_blas" (the BLAS
+    the training gemm kernel calls: "mkl", or None when built without one), "why" (if not)}."""
     ok = _load()
     return {"available": ok, "vector_bits": _state.get("bits", 0), "vnni": _state.get("vnni", False),
-            "fp32_vector_bits": _state.get("fp32_bits", 0), "why": _state.get("why")}
+            "fp32_vector_bits": _state.get("fp32_bits", 0), "gemm_blas": _state.get("gemm_blas"),
+            "why": _state.get("why")}
 
 
 def _reset_for_tests() -> None:
