@@ -18,6 +18,8 @@ compute, fp32 params and optimizer state); the PyTorch side is fp32 only, so it 
 --train_attn_kernel_ab adds a nanojax side whose attention is XLA's instead of the CPU training
 kernel (nanojax.kernels.cpu_attention), alternating with the others in the same process:
     python scripts/bench_train.py --shapes=shakespeare,gpt2 --notorch --train_attn_kernel_ab
+--gemm_kernel_ab likewise adds one whose dense products are XLA's dots instead of the MKL gemm kernel
+(nanojax.kernels.cpu_gemm).
 """
 
 import statistics
@@ -68,6 +70,8 @@ flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch", "na
                   "Gradient checkpointing policy per block.")
 flags.DEFINE_bool("train_attn_kernel_ab", False, "Also time nanojax with XLA's attention in place of "
                   "the CPU training attention kernel (`cpu_attention.train_attention_kernel(False)`).")
+flags.DEFINE_bool("gemm_kernel_ab", False, "Also time nanojax with XLA's dots in place of the MKL gemm "
+                  "kernel for the dense products (`cpu_gemm.gemm_kernel(False)`).")
 FLAGS = flags.FLAGS
 
 
@@ -200,6 +204,16 @@ def main(argv):
                     return step(x, y, i)
 
             sides["nanojax XLA attn"] = (xla_attn_step, xla_sync, sides["nanojax"][2])
+        if FLAGS.gemm_kernel_ab:
+            from nanojax.kernels import cpu_gemm
+
+            _, dot_step, dot_sync = nanojax_stepper(preset, B, T, FLAGS.dtype, FLAGS.vocab_size)
+
+            def xla_dot_step(x, y, i, step=dot_step):
+                with cpu_gemm.gemm_kernel(False):  # traced (and cached) with XLA's dots
+                    return step(x, y, i)
+
+            sides["nanojax XLA dots"] = (xla_dot_step, dot_sync, sides["nanojax"][2])
         if FLAGS.torch or FLAGS.nanogpt_dir:
             import torch
 
@@ -242,6 +256,11 @@ def main(argv):
     used += f", torch {threads}" if FLAGS.torch or FLAGS.nanogpt_dir else ""
     print(f"\n{device.device_kind} ({device.platform}), jax {jax.__version__}, {FLAGS.dtype}")
     print(f"CPU: {cpu_description(used)}")
+    if device.platform == "cpu":
+        from nanojax.kernels import cpu_gemm
+
+        print(f"dense products: {'the MKL gemm kernel' if cpu_gemm.enabled() else 'XLA dots'} "
+              f"(gemm kernel available: {cpu_gemm.available()})")
     print("| shape | batch x ctx | impl | ms/step | tokens/s | nanojax speed-up |")
     print("|---|---|---|---:|---:|---:|")
     for name, bt, impl, ms, tps, ratio in rows:
