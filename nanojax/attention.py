@@ -89,14 +89,20 @@ def attention(
     if impl == "auto" and mask is None and use_cpu_kernel(q, k, v):
         from nanojax.kernels import cpu_attention
 
-        return cpu_attention.causal_attention(q, k, v)
+        if q.dtype == jnp.float32:
+            return cpu_attention.causal_attention(q, k, v)
+        # bf16 compute: the kernel is fp32 inside (as XLA's softmax is); the casts are cheap next to
+        # XLA's bf16 attention (docs/performance.md, "Training GEMMs on MKL": bf16)
+        f32 = [t.astype(jnp.float32) for t in (q, k, v)]
+        return cpu_attention.causal_attention(*f32).astype(q.dtype)
     return _xla_attention(q, k, v, mask)
 
 
 def use_cpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     """Whether impl="auto" with no mask runs the CPU training kernel (nanojax.kernels.cpu_attention).
 
-    Yes for q (B, T, N, H), k, v (B, T, K, H) float32 with T == S and K dividing N, the CPU backend
+    Yes for q (B, T, N, H), k, v (B, T, K, H) float32 (or bfloat16, run in fp32) with T == S and K
+    dividing N, the CPU backend
     with the kernels built and AVX-512 for H, not under a sharded trace (nanojax.sharding's
     activation constraint) and q, k, v on one device: the custom call sees each array whole, so it
     cannot run on a sharded operand (dense.py's fp32 kernel has the same conditions). Inside
@@ -110,7 +116,7 @@ def use_cpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
         return False
     B, T, N, H = q.shape
     return (k.shape[:2] == (B, T) and k.shape[3] == H and N % k.shape[2] == 0 and T > 0
-            and q.dtype == k.dtype == v.dtype == jnp.float32
+            and q.dtype == k.dtype == v.dtype and q.dtype in (jnp.float32, jnp.bfloat16)
             and ACTIVATION_CONSTRAINT.get() is None and all(_local(x) for x in (q, k, v))
             and cpu_attention.enabled(H))
 

@@ -61,10 +61,9 @@ def dense_transposed(x: jax.Array, table: jax.Array | Table, dtype: jnp.dtype) -
     Where the MKL gemm kernel runs (`use_gemm_kernel`), all three products read the table in its
     own layout (`matmul_transposed`), so neither the forward nor the gradient copies a transposed
     (I, O) table (at GPT-2 124M two 154 MB transposes a step); otherwise it is dense(x, table.T)."""
-    if (isinstance(table, Table) or jnp.dtype(dtype) != jnp.float32
-            or not use_gemm_kernel(x, table)):  # (its checks hold for table.T too)
+    if isinstance(table, Table) or not use_gemm_kernel(x, table.astype(dtype)):  # (as for table.T)
         return dense(x, table.T, dtype)
-    return matmul_transposed(x, table)
+    return matmul_transposed(x, table.astype(dtype))
 
 
 # A jit-cache-sensitive switch (a changed value re-traces), so one process can time the kernel
@@ -116,15 +115,17 @@ def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
 def use_gemm_kernel(x: jax.Array, w: jax.Array) -> bool:
     """Whether `matmul` runs x @ w and both backward products on the MKL gemm kernel
     (nanojax.kernels.cpu_gemm): x (M, I) with M > FP32_KERNEL_MAX_ROWS (a training or prefill
-    batch), x and w float32, not under a sharded trace, w on one device, and
+    batch), x and w float32 (or both bfloat16 on a CPU with AVX512_BF16: `--dtype=bfloat16`'s
+    mixed precision), not under a sharded trace, w on one device, and
     `cpu_gemm.enabled()` (MKL built in, a CPU family it was measured faster on or
     NANOJAX_GEMM_KERNEL=1; off with NANOJAX_GEMM_KERNEL=0 or `with cpu_gemm.gemm_kernel(False)`)."""
     from nanojax.kernels import cpu_gemm
     from nanojax.model import ACTIVATION_CONSTRAINT  # model imports this module
 
-    return (x.ndim == 2 and w.ndim == 2 and x.shape[0] >= cpu_gemm.MIN_ROWS
-            and x.dtype == jnp.float32 and w.dtype == jnp.float32
-            and ACTIVATION_CONSTRAINT.get() is None and _local(w) and cpu_gemm.enabled())
+    if not (x.ndim == 2 and w.ndim == 2 and x.shape[0] >= cpu_gemm.MIN_ROWS and x.dtype == w.dtype
+            and ACTIVATION_CONSTRAINT.get() is None and _local(w) and cpu_gemm.enabled()):
+        return False
+    return x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and cpu_gemm.bf16_available())
 
 
 def _product(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -135,7 +136,7 @@ def _product(x: jax.Array, w: jax.Array) -> jax.Array:
     if use_gemm_kernel(x, w):
         from nanojax.kernels import cpu_gemm
 
-        return cpu_gemm.gemm(x, w)
+        return cpu_gemm.gemm(x, w).astype(x.dtype)
     return x @ w
 
 
@@ -158,10 +159,11 @@ def _matmul_fwd(x, w):
 
 def _matmul_bwd(res, g):
     x, w = res
-    if g.dtype == jnp.float32 and use_gemm_kernel(x, w):
+    if g.dtype == x.dtype and use_gemm_kernel(x, w):
         from nanojax.kernels import cpu_gemm
 
-        return cpu_gemm.gemm(g, w, transpose_b=True), cpu_gemm.gemm(x, g, transpose_a=True)
+        return (cpu_gemm.gemm(g, w, transpose_b=True).astype(x.dtype),
+                cpu_gemm.gemm(x, g, transpose_a=True).astype(w.dtype))
     return g @ w.T, (x.T @ g).astype(w.dtype)
 
 
@@ -170,26 +172,30 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 @jax.custom_vjp
 def matmul_transposed(x: jax.Array, table: jax.Array) -> jax.Array:
-    """(M, I) @ (O, I).T -> (M, O) on the MKL gemm kernel (nanojax.kernels.cpu_gemm), the table
-    read in place; the gradients are the kernel's products too (table's in its (O, I) layout).
+    """(M, I) @ (O, I).T -> (M, O) in x's dtype on the MKL gemm kernel (nanojax.kernels.cpu_gemm),
+    the table read in place; the gradients are the kernel's products too (table's in its (O, I)
+    layout). x and table both float32 or both bfloat16.
     Needs `cpu_gemm.available()`: `dense_transposed` checks `use_gemm_kernel` first."""
+    return _transposed_product(x, table)
+
+
+def _transposed_product(x, table):
     from nanojax.kernels import cpu_gemm
 
-    return cpu_gemm.gemm(x, table, transpose_b=True)
+    return cpu_gemm.gemm(x, table, transpose_b=True).astype(x.dtype)
 
 
 def _matmul_transposed_fwd(x, table):
-    from nanojax.kernels import cpu_gemm
-
-    return cpu_gemm.gemm(x, table, transpose_b=True), (x, table)
+    return _transposed_product(x, table), (x, table)
 
 
 def _matmul_transposed_bwd(res, g):
     from nanojax.kernels import cpu_gemm
 
     x, table = res
-    g = g.astype(jnp.float32)
-    return cpu_gemm.gemm(g, table), cpu_gemm.gemm(g, x, transpose_a=True)
+    g = g.astype(x.dtype)
+    return (cpu_gemm.gemm(g, table).astype(x.dtype),
+            cpu_gemm.gemm(g, x, transpose_a=True).astype(table.dtype))
 
 
 matmul_transposed.defvjp(_matmul_transposed_fwd, _matmul_transposed_bwd)

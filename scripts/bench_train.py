@@ -19,7 +19,8 @@ compute, fp32 params and optimizer state); the PyTorch side is fp32 only, so it 
 kernel (nanojax.kernels.cpu_attention), alternating with the others in the same process:
     python scripts/bench_train.py --shapes=shakespeare,gpt2 --notorch --train_attn_kernel_ab
 --gemm_kernel_ab likewise adds one whose dense products are XLA's dots instead of the MKL gemm kernel
-(nanojax.kernels.cpu_gemm).
+(nanojax.kernels.cpu_gemm), and --bf16_ab one in mixed precision (bf16 compute, fp32 params):
+    python scripts/bench_train.py --shapes=shakespeare,gpt2 --notorch --bf16_ab
 """
 
 import statistics
@@ -70,6 +71,8 @@ flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch", "na
                   "Gradient checkpointing policy per block.")
 flags.DEFINE_bool("train_attn_kernel_ab", False, "Also time nanojax with XLA's attention in place of "
                   "the CPU training attention kernel (`cpu_attention.train_attention_kernel(False)`).")
+flags.DEFINE_bool("bf16_ab", False, "Also time nanojax in mixed precision (bf16 compute, fp32 params) next "
+                  "to the --dtype side, in the same process (and print the bf16 side's speed-up).")
 flags.DEFINE_bool("gemm_kernel_ab", False, "Also time nanojax with XLA's dots in place of the MKL gemm "
                   "kernel for the dense products (`cpu_gemm.gemm_kernel(False)`).")
 FLAGS = flags.FLAGS
@@ -204,6 +207,9 @@ def main(argv):
                     return step(x, y, i)
 
             sides["nanojax XLA attn"] = (xla_attn_step, xla_sync, sides["nanojax"][2])
+        if FLAGS.bf16_ab:
+            _, bf_step, bf_sync = nanojax_stepper(preset, B, T, "bfloat16", FLAGS.vocab_size)
+            sides["nanojax bf16"] = (bf_step, bf_sync, sides["nanojax"][2])
         if FLAGS.gemm_kernel_ab:
             from nanojax.kernels import cpu_gemm
 

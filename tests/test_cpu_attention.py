@@ -99,7 +99,7 @@ def hlo(fn, *args) -> str:
     return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
 
 
-def test_auto_routes_fp32_causal_self_attention_only(kernels, monkeypatch):
+def test_auto_routes_causal_self_attention_only(kernels, monkeypatch):
     if not ca.available(32):
         pytest.skip("no AVX-512 on this CPU")
     q, k, v, _ = case(32, T=8, B=1)
@@ -110,7 +110,10 @@ def test_auto_routes_fp32_causal_self_attention_only(kernels, monkeypatch):
     mask = jnp.ones((1, 8, 8), bool)
     assert FWD not in hlo(lambda q, k, v: attn_mod.attention(q, k, v, mask=mask), q, k, v)
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-    assert FWD not in hlo(auto, *bf)
+    assert FWD in hlo(auto, *bf) and auto(*bf).dtype == jnp.bfloat16  # bf16 compute: fp32 inside
+    np.testing.assert_allclose(np.asarray(auto(*bf), np.float32),
+                               np.asarray(attn_mod.attention(*bf, impl="xla"), np.float32), atol=2e-2)
+    assert FWD not in hlo(auto, *(x.astype(jnp.float16) for x in (q, k, v)))
     assert FWD not in hlo(auto, q, k[:, :4], v[:, :4])  # S != T: a cache, not self-attention
     assert FWD not in hlo(auto, *case(24, T=8, B=1)[:3])  # no AVX-512 loop for H = 24
     with ca.train_attention_kernel(False):

@@ -61,6 +61,20 @@ def test_products_match_float64_numpy(gemm, monkeypatch, M, K, N, ta, tb):
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * scale, err_msg=f"threads {threads}")
 
 
+def test_bf16_products_sum_in_fp32(gemm):
+    """bf16 operands: every form against float64 products of the same bf16 values (the sums in
+    fp32, so within fp32 rounding of K terms, far inside bf16's own spacing)."""
+    if not gemm.bf16_available():
+        pytest.skip("no AVX512_BF16 on this CPU: bf16 products stay on XLA")
+    for ta, tb in [(False, False), (False, True), (True, False)]:
+        a, b = operands(150, 96, 70, ta, tb, seed=5)
+        a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+        ref = product64(np.asarray(a16, np.float64), np.asarray(b16, np.float64), ta, tb)
+        got = gemm.gemm(a16, b16, transpose_a=ta, transpose_b=tb)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
 def test_dense_gradients_through_the_kernel_match_float64(gemm):
     """dense.matmul and dense_transposed (the tied head): value and both gradients on the kernel."""
     rng = np.random.default_rng(3)
@@ -91,7 +105,9 @@ def test_routing(gemm, monkeypatch):
     with gemm.gemm_kernel(True):
         assert TARGET in hlo(mm(), x, w) and hlo(grad, x, w).count(TARGET) == 2
         assert TARGET not in hlo(mm(), x[:32], w)  # decode-sized: the small-M kernel's
-        assert TARGET not in hlo(mm(), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+        bf16 = hlo(mm(), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # native bf16 only
+        assert (ffi.GEMM_BF16_TARGET in bf16) == gemm.bf16_available()
+        assert TARGET not in hlo(mm(), x.astype(jnp.bfloat16), w)  # mixed dtypes: XLA's
         head = jax.grad(lambda x, t: dense.dense_transposed(x, t, jnp.float32).sum(), argnums=(0, 1))
         assert "stablehlo.transpose" not in hlo(head, x, w.T) and hlo(head, x, w.T).count(TARGET) == 2
         token = ACTIVATION_CONSTRAINT.set(lambda x, axes: x)  # a sharded step is being traced
@@ -139,6 +155,38 @@ def test_training_loss_and_grads_equal_the_xla_path(gemm):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_bf16_training_loss_and_grads_close_to_the_xla_path(gemm):
+    """Mixed precision (bf16 compute, fp32 params): the loss and gradients with every product on
+    the bf16 kernel against XLA's bf16 dots, within bf16 rounding."""
+    if not gemm.bf16_available():
+        pytest.skip("no AVX512_BF16 on this CPU: bf16 products stay on XLA")
+    from nanojax.train.step import loss_fn
+
+    cfg = nj.ModelConfig.preset("shakespeare-char-cpu", vocab_size=61, max_seq_len=40, n_layer=1,
+                                d_model=32, n_head=2, dtype="bfloat16")
+    params = np_params(cfg, 0)
+    x = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
+    y = jnp.roll(x, -1, axis=1)
+
+    def run():
+        lowered = jax.jit(lambda p: jax.value_and_grad(loss_fn)(p, x, y, cfg)).lower(params)
+        return lowered.as_text().count(ffi.GEMM_BF16_TARGET), lowered.compile()(params)
+
+    with gemm.gemm_kernel(True):
+        calls, (loss, grads) = run()
+    assert calls == 3 * 7
+    with gemm.gemm_kernel(False):
+        calls, (loss_x, grads_x) = run()
+    assert calls == 0
+    np.testing.assert_allclose(float(loss), float(loss_x), rtol=1e-2)
+    flat_x = dict(jax.tree_util.tree_leaves_with_path(grads_x))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        ref = np.asarray(flat_x[path], np.float32)
+        assert g.dtype == jnp.float32  # the master copy's dtype
+        np.testing.assert_allclose(np.asarray(g), ref, atol=0.05 * np.abs(ref).max() + 1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_mkl_stays_inside_the_library(gemm):
     """MKL is linked with its symbols hidden: a PyTorch (its own MKL) loaded in the same process
     must not bind to this copy's sequential layer, nor this one to PyTorch's threaded one."""
@@ -152,8 +200,10 @@ def test_bad_inputs_are_refused(gemm):
     a, b = jnp.ones((8, 4)), jnp.ones((4, 6))
     with pytest.raises(ValueError, match="inner sizes differ"):
         gemm.gemm(a, b, transpose_b=True)
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="both float32 or both bfloat16"):
         gemm.gemm(a.astype(jnp.bfloat16), b)
+    with pytest.raises(ValueError, match="both float32 or both bfloat16"):
+        gemm.gemm(a.astype(jnp.float16), b.astype(jnp.float16))
     with pytest.raises(ValueError, match="2-D"):
         gemm.gemm(a[None], b)
     with pytest.raises(TypeError, match="True, False or None"):

@@ -74,12 +74,21 @@ def _family() -> str:
     return xla_env.isa_family(xla_env.read_cpuinfo())
 
 
+def bf16_available() -> bool:
+    """True when bf16 operands have a native path here: `available()` and a CPU with AVX512_BF16
+    (MKL then uses AMX where the OS grants it, else AVX512_BF16's dot products)."""
+    from nanojax import xla_env
+
+    flags = xla_env.read_cpuinfo().flags or ()
+    return "avx512_bf16" in flags and available()
+
+
 def _check(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> tuple[int, int, int]:
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"gemm: a and b must be 2-D, got {a.shape} and {b.shape}")
-    if a.dtype != jnp.float32 or b.dtype != jnp.float32:
-        raise ValueError(f"gemm: a and b must be float32, got {a.dtype} and {b.dtype}; cast them, or use "
-                         "jnp.dot for other dtypes")
+    if a.dtype != b.dtype or a.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"gemm: a and b must be both float32 or both bfloat16, got {a.dtype} and {b.dtype}; "
+                         "cast them, or use jnp.dot")
     M, K = a.shape[::-1] if transpose_a else a.shape
     Kb, N = b.shape[::-1] if transpose_b else b.shape
     if K != Kb:
@@ -91,14 +100,15 @@ def _check(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> 
 
 
 def gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """op(a) @ op(b) in float32 on MKL's sgemm: op(a) (M, K) is a, or a^T for a (K, M) when
-    transpose_a; op(b) (K, N) is b, or b^T for b (N, K) when transpose_b. Returns (M, N) float32.
-    Not differentiable by itself (dense.matmul's custom VJP calls it for each product); needs
-    `available()`. Under vmap the call runs once per mapped element."""
+    """op(a) @ op(b) on MKL: op(a) (M, K) is a, or a^T for a (K, M) when transpose_a; op(b) (K, N)
+    is b, or b^T for b (N, K) when transpose_b; a and b both float32 (sgemm) or both bfloat16 (bf16
+    products summed in fp32). Returns (M, N) float32 either way. Not differentiable by itself
+    (dense.matmul's custom VJP calls it for each product); needs `available()`. Under vmap the call
+    runs once per mapped element."""
     M, _, N = _check(a, b, transpose_a, transpose_b)
     if not available():
         why = ffi._state.get("why") or "the kernel library was built without MKL (pip install mkl-static)"
         raise RuntimeError(f"gemm: the MKL gemm kernel is unavailable ({why}); use jnp.dot")
-    call = jax.ffi.ffi_call(ffi.GEMM_TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32),
-                            vmap_method="sequential")
+    target = ffi.GEMM_TARGET if a.dtype == jnp.float32 else ffi.GEMM_BF16_TARGET
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, N), jnp.float32), vmap_method="sequential")
     return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))

@@ -56,6 +56,7 @@ _FP32_TARGET = "nanojax_fp32_matmul"  # csrc/fmatmul.cc: fp32 x (M, I) @ w (I, O
 _ATTN_TARGET = "nanojax_decode_attention"  # csrc/dattn.cc: one query per row over the slot cache
 _ADAMW_TARGET = "nanojax_adamw"  # csrc/adamw.cc: the whole clipped AdamW update, in place
 GEMM_TARGET = "nanojax_gemm"  # csrc/gemm.cc: fp32 op(a) @ op(b) on MKL's sgemm (nanojax.kernels.cpu_gemm)
+GEMM_BF16_TARGET = "nanojax_gemm_bf16"  # the same for bf16 a, b (fp32 sums and result)
 # The static MKL archives gemm.cc links (sequential layer, 32-bit ints), in link order.
 _MKL_ARCHIVES = ("libmkl_intel_lp64.a", "libmkl_sequential.a", "libmkl_core.a")
 # csrc/fattn.cc: causal training attention, forward and backward (nanojax.kernels.cpu_attention)
@@ -216,7 +217,8 @@ def _load() -> bool:
                 jax.ffi.register_ffi_target(_ATTN_TARGET, jax.ffi.pycapsule(lib.NjDecodeAttention),
                                             platform="cpu")
                 jax.ffi.register_ffi_target(_ADAMW_TARGET, jax.ffi.pycapsule(lib.NjAdamW), platform="cpu")
-                jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.NjGemm), platform="cpu")
+                for target, fn in ((GEMM_TARGET, lib.NjGemm), (GEMM_BF16_TARGET, lib.NjGemmBf16)):
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
                 for target, fn in _TRAIN_ATTN_TARGETS.items():  # csrc/fattn.cc, kernels/cpu_attention.py
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, fn)), platform="cpu")
                 lib.nj_attn_vector_bits.restype = ctypes.c_int
