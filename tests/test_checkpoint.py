@@ -347,6 +347,7 @@ def _inode(path):
     return path.stat().st_ino if path.exists() else None
 
 
+@pytest.mark.slow  # ~27 s of SIGKILLed subprocesses; test_train's kill/interrupt test stays fast
 def test_killed_at_random_moments_always_resumes_to_the_same_losses(synth, baseline, tmp_path,
                                                                     compile_cache):
     """SIGKILL, many times over, at random moments of the resume (just after config.json is
