@@ -1,18 +1,22 @@
-"""Training-sized fp32 matrix products on the CPU through MKL's sgemm (csrc/gemm.cc).
+"""Training-sized matrix products on the CPU through Intel MKL (csrc/gemm.cc).
 
     c = gemm(a, b)                          # a (M, K) @ b (K, N) -> (M, N), float32
     c = gemm(a, b, transpose_b=True)        # a (M, K) @ b^T, b (N, K): the dense backward's g @ w^T
     c = gemm(a, b, transpose_a=True)        # a^T @ b, a (K, M): the weight gradient x^T @ g
 
+a and b both float32 (MKL's sgemm) or both bfloat16 (its bf16 gemm: bf16 products summed in fp32,
+on AMX or AVX512_BF16); c is float32 either way.
+
 Why: at the quickstart's shapes (768 x 128 x 512) XLA:CPU's dot runs the dense layer's products at
-60-175 GFLOP/s on two Sapphire Rapids cores, MKL's sgemm at 190-280 (docs/performance.md,
-"Training GEMMs"). `nanojax.dense.matmul` sends its forward and both backward products here when
+60-175 GFLOP/s on two Sapphire Rapids cores, MKL's sgemm at 190-280, and XLA's bf16 dot is no
+faster than its fp32 one while MKL's bf16 gemm runs 2-4x its sgemm (docs/performance.md, "Training
+GEMMs on MKL"). `nanojax.dense.matmul` sends its forward and both backward products here when
 `use_gemm_kernel` says so; the kernel splits the output over the caller and XLA's intra-op pool,
-one single-threaded sgemm per block, and reads transposed operands in place.
+one single-threaded MKL call per block, and reads transposed operands in place.
 
 MKL comes from the optional `mkl-static` package (`pip install 'nanojax[mkl]'`; `make install` adds
 it on x86-64 Linux), linked statically into the kernel library with its symbols kept local. Without
-it the library builds without a BLAS and XLA's dot runs, with the same numbers to fp32 rounding.
+it the library builds without a BLAS and XLA's dot runs, with the same numbers to rounding.
 """
 
 from __future__ import annotations
