@@ -108,17 +108,15 @@ def use_cpu_kernel(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
     cannot run on a sharded operand (dense.py's fp32 kernel has the same conditions). Inside
     jax.shard_map (train/manual.py) the arrays are the local shards, which it may take.
     """
-    from nanojax.dense import _local
+    from nanojax.dense import whole_on_one_device
     from nanojax.kernels import cpu_attention
-    from nanojax.model import ACTIVATION_CONSTRAINT  # model imports this module
 
     if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
         return False
     B, T, N, H = q.shape
     return (k.shape[:2] == (B, T) and k.shape[3] == H and N % k.shape[2] == 0 and T > 0
             and q.dtype == k.dtype == v.dtype and q.dtype in (jnp.float32, jnp.bfloat16)
-            and ACTIVATION_CONSTRAINT.get() is None and all(_local(x) for x in (q, k, v))
-            and cpu_attention.enabled(H))
+            and whole_on_one_device(q, k, v) and cpu_attention.enabled(H))
 
 
 def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -93,6 +93,16 @@ def _local(w: jax.Array) -> bool:
     return sharding is None or len(sharding.device_set) <= 1
 
 
+def whole_on_one_device(*arrays: jax.Array) -> bool:
+    """Whether a per-device custom call would see these arrays whole: no sharded step is being
+    traced (nanojax.sharding's activation constraint) and none is laid out over several devices.
+    Inside jax.shard_map (train/manual.py) the arrays are the local shards, which a kernel may take.
+    The CPU kernels' routing (the fp32 and gemm products here, the training attention) asks it."""
+    from nanojax.model import ACTIVATION_CONSTRAINT  # model imports this module
+
+    return ACTIVATION_CONSTRAINT.get() is None and all(_local(a) for a in arrays)
+
+
 def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
     """Whether `matmul` sends x @ w to the fp32 CPU kernel (nanojax.quant.ffi.fp32_matmul).
 
@@ -101,14 +111,12 @@ def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
     NANOJAX_NO_KERNELS=1, NANOJAX_FP32_KERNEL=0 (read at trace time) or `with fp32_kernel(False)`.
     XLA:CPU runs a layer-sized matrix-vector dot on one thread; the kernel splits it over both
     (docs/performance.md, decode)."""
-    from nanojax.model import ACTIVATION_CONSTRAINT  # model imports this module
     from nanojax.quant import ffi
 
     if _FP32_KERNEL.value is False:
         return False
     return (x.ndim == 2 and w.ndim == 2 and 1 <= x.shape[0] <= ffi.FP32_KERNEL_MAX_ROWS
-            and x.dtype == jnp.float32 and w.dtype == jnp.float32
-            and ACTIVATION_CONSTRAINT.get() is None and _local(w)
+            and x.dtype == jnp.float32 and w.dtype == jnp.float32 and whole_on_one_device(w)
             and ffi.fp32_kernel_enabled(force=_FP32_KERNEL.value is True))
 
 
@@ -120,10 +128,9 @@ def use_gemm_kernel(x: jax.Array, w: jax.Array) -> bool:
     `cpu_gemm.enabled()` (MKL built in, a CPU family it was measured faster on or
     NANOJAX_GEMM_KERNEL=1; off with NANOJAX_GEMM_KERNEL=0 or `with cpu_gemm.gemm_kernel(False)`)."""
     from nanojax.kernels import cpu_gemm
-    from nanojax.model import ACTIVATION_CONSTRAINT  # model imports this module
 
     if not (x.ndim == 2 and w.ndim == 2 and x.shape[0] >= cpu_gemm.MIN_ROWS and x.dtype == w.dtype
-            and ACTIVATION_CONSTRAINT.get() is None and _local(w) and cpu_gemm.enabled()):
+            and whole_on_one_device(w) and cpu_gemm.enabled()):
         return False
     return x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and cpu_gemm.bf16_available())
 
