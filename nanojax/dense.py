@@ -61,9 +61,12 @@ def dense_transposed(x: jax.Array, table: jax.Array | Table, dtype: jnp.dtype) -
     Where the MKL gemm kernel runs (`use_gemm_kernel`), all three products read the table in its
     own layout (`matmul_transposed`), so neither the forward nor the gradient copies a transposed
     (I, O) table (at GPT-2 124M two 154 MB transposes a step); otherwise it is dense(x, table.T)."""
-    if isinstance(table, Table) or not use_gemm_kernel(x, table.astype(dtype)):  # (as for table.T)
+    if isinstance(table, Table):
         return dense(x, table.T, dtype)
-    return matmul_transposed(x, table.astype(dtype))
+    table_c = table.astype(dtype)
+    if not use_gemm_kernel(x, table_c):  # (its checks hold for table_c.T too)
+        return dense(x, table.T, dtype)
+    return matmul_transposed(x, table_c)
 
 
 # A jit-cache-sensitive switch (a changed value re-traces), so one process can time the kernel

@@ -72,19 +72,22 @@ def enabled() -> bool:
 
 
 @functools.cache
+def _cpu():  # -> xla_env.CpuInfo, read once: the routing asks at every traced product
+    from nanojax import xla_env
+
+    return xla_env.read_cpuinfo()
+
+
 def _family() -> str:
     from nanojax import xla_env
 
-    return xla_env.isa_family(xla_env.read_cpuinfo())
+    return xla_env.isa_family(_cpu())
 
 
 def bf16_available() -> bool:
     """True when bf16 operands have a native path here: `available()` and a CPU with AVX512_BF16
     (MKL then uses AMX where the OS grants it, else AVX512_BF16's dot products)."""
-    from nanojax import xla_env
-
-    flags = xla_env.read_cpuinfo().flags or ()
-    return "avx512_bf16" in flags and available()
+    return "avx512_bf16" in (_cpu().flags or ()) and available()
 
 
 def _check(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> tuple[int, int, int]:
