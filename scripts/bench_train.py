@@ -98,6 +98,19 @@ def nanojax_stepper(preset, B, T, dtype, vocab_size=0):
     return cfg, step, sync
 
 
+def kernel_off_stepper(switch, preset, B, T):
+    """A second nanojax stepper whose step is traced (and cached) with a CPU kernel switched off:
+    `switch(False)` is the kernel's context manager (cpu_attention.train_attention_kernel,
+    cpu_gemm.gemm_kernel). Returns (step, sync)."""
+    _, step, sync = nanojax_stepper(preset, B, T, FLAGS.dtype, FLAGS.vocab_size)
+
+    def off_step(x, y, i):
+        with switch(False):
+            return step(x, y, i)
+
+    return off_step, sync
+
+
 def torch_stepper(cfg, compile_model: bool):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -200,26 +213,16 @@ def main(argv):
         if FLAGS.train_attn_kernel_ab:
             from nanojax.kernels import cpu_attention
 
-            _, xla_step, xla_sync = nanojax_stepper(preset, B, T, FLAGS.dtype, FLAGS.vocab_size)
-
-            def xla_attn_step(x, y, i, step=xla_step):
-                with cpu_attention.train_attention_kernel(False):  # traced (and cached) with XLA's attention
-                    return step(x, y, i)
-
-            sides["nanojax XLA attn"] = (xla_attn_step, xla_sync, sides["nanojax"][2])
+            sides["nanojax XLA attn"] = (*kernel_off_stepper(
+                cpu_attention.train_attention_kernel, preset, B, T), sides["nanojax"][2])
         if FLAGS.bf16_ab:
             _, bf_step, bf_sync = nanojax_stepper(preset, B, T, "bfloat16", FLAGS.vocab_size)
             sides["nanojax bf16"] = (bf_step, bf_sync, sides["nanojax"][2])
         if FLAGS.gemm_kernel_ab:
             from nanojax.kernels import cpu_gemm
 
-            _, dot_step, dot_sync = nanojax_stepper(preset, B, T, FLAGS.dtype, FLAGS.vocab_size)
-
-            def xla_dot_step(x, y, i, step=dot_step):
-                with cpu_gemm.gemm_kernel(False):  # traced (and cached) with XLA's dots
-                    return step(x, y, i)
-
-            sides["nanojax XLA dots"] = (xla_dot_step, dot_sync, sides["nanojax"][2])
+            sides["nanojax XLA dots"] = (*kernel_off_stepper(cpu_gemm.gemm_kernel, preset, B, T),
+                                         sides["nanojax"][2])
         if FLAGS.torch or FLAGS.nanogpt_dir:
             import torch
 

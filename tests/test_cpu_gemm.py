@@ -126,28 +126,36 @@ def test_routing(gemm, monkeypatch):
     assert (TARGET in hlo(mm(), x, w)) == expected
 
 
-def test_training_loss_and_grads_equal_the_xla_path(gemm):
-    """A tied-head GPT loss and gradients (every dense product and the head on the kernel) against
-    the same loss with XLA's dots."""
+def kernel_and_xla_loss_and_grads(gemm, dtype):
+    """A one-layer tied-head GPT (biases on) loss and gradients traced with the gemm kernel on and
+    off: ((kernel calls, loss, grads) on, (kernel calls, loss, grads) off)."""
     from nanojax.train.step import loss_fn
 
     cfg = nj.ModelConfig.preset("shakespeare-char-cpu", vocab_size=61, max_seq_len=40, n_layer=1,
-                                d_model=32, n_head=2, bias=True)
+                                d_model=32, n_head=2, bias=True, dtype=dtype)
     assert cfg.tie_embeddings
     params = np_params(cfg, 0)
     x = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
     y = jnp.roll(x, -1, axis=1)
+    target = TARGET if dtype == "float32" else ffi.GEMM_BF16_TARGET
 
     def run():
         lowered = jax.jit(lambda p: jax.value_and_grad(loss_fn)(p, x, y, cfg)).lower(params)
-        return lowered.as_text().count(TARGET), lowered.compile()(params)
+        return (lowered.as_text().count(target), *lowered.compile()(params))
 
     with gemm.gemm_kernel(True):
-        calls, (loss, grads) = run()
-    assert calls == 3 * 7  # q, k, v, o, in, out and the head: the forward and two backward products
+        on = run()
     with gemm.gemm_kernel(False):
-        calls, (loss_x, grads_x) = run()
-    assert calls == 0
+        off = run()
+    return on, off
+
+
+def test_training_loss_and_grads_equal_the_xla_path(gemm):
+    """A tied-head GPT loss and gradients (every dense product and the head on the kernel) against
+    the same loss with XLA's dots."""
+    (calls, loss, grads), (calls_x, loss_x, grads_x) = kernel_and_xla_loss_and_grads(gemm, "float32")
+    assert calls == 3 * 7  # q, k, v, o, in, out and the head: the forward and two backward products
+    assert calls_x == 0
     np.testing.assert_allclose(float(loss), float(loss_x), rtol=1e-6)
     flat_x = dict(jax.tree_util.tree_leaves_with_path(grads_x))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
@@ -160,24 +168,9 @@ def test_bf16_training_loss_and_grads_close_to_the_xla_path(gemm):
     the bf16 kernel against XLA's bf16 dots, within bf16 rounding."""
     if not gemm.bf16_available():
         pytest.skip("no AVX512_BF16 on this CPU: bf16 products stay on XLA")
-    from nanojax.train.step import loss_fn
-
-    cfg = nj.ModelConfig.preset("shakespeare-char-cpu", vocab_size=61, max_seq_len=40, n_layer=1,
-                                d_model=32, n_head=2, dtype="bfloat16")
-    params = np_params(cfg, 0)
-    x = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
-    y = jnp.roll(x, -1, axis=1)
-
-    def run():
-        lowered = jax.jit(lambda p: jax.value_and_grad(loss_fn)(p, x, y, cfg)).lower(params)
-        return lowered.as_text().count(ffi.GEMM_BF16_TARGET), lowered.compile()(params)
-
-    with gemm.gemm_kernel(True):
-        calls, (loss, grads) = run()
+    (calls, loss, grads), (calls_x, loss_x, grads_x) = kernel_and_xla_loss_and_grads(gemm, "bfloat16")
     assert calls == 3 * 7
-    with gemm.gemm_kernel(False):
-        calls, (loss_x, grads_x) = run()
-    assert calls == 0
+    assert calls_x == 0
     np.testing.assert_allclose(float(loss), float(loss_x), rtol=1e-2)
     flat_x = dict(jax.tree_util.tree_leaves_with_path(grads_x))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
