@@ -20,7 +20,7 @@ $(VENV)/bin/python:
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: setup.cfg pyproject.toml | $(VENV)/bin/python
-	$(PY) -m pip install -q -e '.[mkl]'
+	$(PY) -m pip install -q -e '.[mkl,onednn]'
 	touch $@
 
 $(VENV)/.installed-test: setup.cfg pyproject.toml | $(VENV)/bin/python

@@ -52,19 +52,24 @@ def dense(x: jax.Array, w: jax.Array | Weight, dtype: jnp.dtype) -> jax.Array:
     """
     if isinstance(w, Weight):
         return w.matmul(x, dtype)
-    return matmul(x, w.reshape(x.shape[-1], -1).astype(dtype))
+    w = w.reshape(x.shape[-1], -1)
+    if x.dtype == dtype and use_gemm_kernel(x, w):  # an fp32 master of bf16 x: cast inside (below)
+        return matmul(x, w)
+    return matmul(x, w.astype(dtype))
 
 
 def dense_transposed(x: jax.Array, table: jax.Array | Table, dtype: jnp.dtype) -> jax.Array:
     """x (M, I) @ table.T -> (M, O) in the compute dtype, for a table stored (O, I): the tied head.
 
-    Where the MKL gemm kernel runs (`use_gemm_kernel`), all three products read the table in its
+    Where the gemm kernel runs (`use_gemm_kernel`), all three products read the table in its
     own layout (`matmul_transposed`), so neither the forward nor the gradient copies a transposed
     (I, O) table (at GPT-2 124M two 154 MB transposes a step); otherwise it is dense(x, table.T)."""
     if isinstance(table, Table):
         return dense(x, table.T, dtype)
+    if x.dtype == dtype and use_gemm_kernel(x, table):  # (its checks hold for table.T too)
+        return matmul_transposed(x, table)
     table_c = table.astype(dtype)
-    if not use_gemm_kernel(x, table_c):  # (its checks hold for table_c.T too)
+    if not use_gemm_kernel(x, table_c):
         return dense(x, table.T, dtype)
     return matmul_transposed(x, table_c)
 
@@ -124,18 +129,19 @@ def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
 
 
 def use_gemm_kernel(x: jax.Array, w: jax.Array) -> bool:
-    """Whether `matmul` runs x @ w and both backward products on the MKL gemm kernel
-    (nanojax.kernels.cpu_gemm): x (M, I) with M > FP32_KERNEL_MAX_ROWS (a training or prefill
-    batch), x and w float32 (or both bfloat16 on a CPU with AVX512_BF16: `--dtype=bfloat16`'s
-    mixed precision), not under a sharded trace, w on one device, and
-    `cpu_gemm.enabled()` (MKL built in, a CPU family it was measured faster on or
-    NANOJAX_GEMM_KERNEL=1; off with NANOJAX_GEMM_KERNEL=0 or `with cpu_gemm.gemm_kernel(False)`)."""
+    """Whether `matmul` runs x @ w and both backward products on the gemm kernel
+    (nanojax.kernels.cpu_gemm: MKL or oneDNN): x (M, I) with M > FP32_KERNEL_MAX_ROWS (a training
+    or prefill batch), x and w both float32 or both bfloat16, or x bfloat16 and w its fp32 master
+    (`--dtype=bfloat16`'s mixed precision: the products cast w, and its gradient stays fp32), not
+    under a sharded trace, w on one device, and `cpu_gemm.library(x.dtype)` names
+    a library (built in, and measured faster on this CPU family or NANOJAX_GEMM_KERNEL=1; none
+    with NANOJAX_GEMM_KERNEL=0 or `with cpu_gemm.gemm_kernel(False)`)."""
     from nanojax.kernels import cpu_gemm
 
-    if not (x.ndim == 2 and w.ndim == 2 and x.shape[0] >= cpu_gemm.MIN_ROWS and x.dtype == w.dtype
-            and whole_on_one_device(w) and cpu_gemm.enabled()):
-        return False
-    return x.dtype == jnp.float32 or (x.dtype == jnp.bfloat16 and cpu_gemm.bf16_available())
+    master = x.dtype == jnp.bfloat16 and w.dtype == jnp.float32  # mixed precision's fp32 weights
+    return (x.ndim == 2 and w.ndim == 2 and x.shape[0] >= cpu_gemm.MIN_ROWS
+            and (x.dtype == w.dtype or master) and x.dtype in (jnp.float32, jnp.bfloat16)
+            and whole_on_one_device(w) and cpu_gemm.library(x.dtype) is not None)
 
 
 def _product(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -146,7 +152,7 @@ def _product(x: jax.Array, w: jax.Array) -> jax.Array:
     if use_gemm_kernel(x, w):
         from nanojax.kernels import cpu_gemm
 
-        return cpu_gemm.gemm(x, w).astype(x.dtype)
+        return cpu_gemm.gemm(x, w.astype(x.dtype), out_dtype=x.dtype)
     return x @ w
 
 
@@ -157,24 +163,27 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     A custom VJP writes the weight gradient as an explicit 2-D matmul of a transposed operand;
     the dot XLA derives (contracting dim 0 of both sides) missed the fast CPU matmul library.
     The forward of a decode-sized fp32 product runs the C++ kernel (`use_fp32_kernel`); a
-    training-sized one runs all three products on MKL's sgemm where `use_gemm_kernel` says so
-    (the transposes read in place); everything else is XLA's dots.
+    training-sized one runs all three products on the gemm kernel (MKL or oneDNN) where
+    `use_gemm_kernel` says so (the transposes read in place); everything else is XLA's dots.
     """
     return _product(x, w)
 
 
 def _matmul_fwd(x, w):
-    return _product(x, w), (x, w)
+    wc = w.astype(x.dtype)  # w itself unless it is bf16 x's fp32 master (then the kernel's)
+    return _product(x, wc), (x, wc, w)  # w: for its dtype only (the caller's array, no copy)
 
 
 def _matmul_bwd(res, g):
-    x, w = res
-    if g.dtype == x.dtype and use_gemm_kernel(x, w):
+    x, wc, w = res
+    if g.dtype == x.dtype and use_gemm_kernel(x, wc):
         from nanojax.kernels import cpu_gemm
 
-        return (cpu_gemm.gemm(g, w, transpose_b=True).astype(x.dtype),
-                cpu_gemm.gemm(x, g, transpose_a=True).astype(w.dtype))
-    return g @ w.T, (x.T @ g).astype(w.dtype)
+        # The weight gradient leaves the kernel in w's dtype: an fp32 master's is never rounded
+        # to bf16 (nor cast back, a pass over every weight).
+        return (cpu_gemm.gemm(g, wc, transpose_b=True, out_dtype=x.dtype),
+                cpu_gemm.gemm(x, g, transpose_a=True, out_dtype=w.dtype))
+    return g @ wc.T, (x.T @ g).astype(w.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -182,30 +191,32 @@ matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 @jax.custom_vjp
 def matmul_transposed(x: jax.Array, table: jax.Array) -> jax.Array:
-    """(M, I) @ (O, I).T -> (M, O) in x's dtype on the MKL gemm kernel (nanojax.kernels.cpu_gemm),
+    """(M, I) @ (O, I).T -> (M, O) in x's dtype on the gemm kernel (nanojax.kernels.cpu_gemm),
     the table read in place; the gradients are the kernel's products too (table's in its (O, I)
-    layout). x and table both float32 or both bfloat16.
-    Needs `cpu_gemm.available()`: `dense_transposed` checks `use_gemm_kernel` first."""
+    layout). x and table both float32 or both bfloat16, or x bfloat16 and table its fp32 master
+    (cast here; its gradient stays fp32).
+    Needs `cpu_gemm.library(x.dtype)`: `dense_transposed` checks `use_gemm_kernel` first."""
     return _transposed_product(x, table)
 
 
 def _transposed_product(x, table):
     from nanojax.kernels import cpu_gemm
 
-    return cpu_gemm.gemm(x, table, transpose_b=True).astype(x.dtype)
+    return cpu_gemm.gemm(x, table.astype(x.dtype), transpose_b=True, out_dtype=x.dtype)
 
 
 def _matmul_transposed_fwd(x, table):
-    return _transposed_product(x, table), (x, table)
+    tc = table.astype(x.dtype)  # as _matmul_fwd: a bf16 copy of an fp32 master table
+    return _transposed_product(x, tc), (x, tc, table)
 
 
 def _matmul_transposed_bwd(res, g):
     from nanojax.kernels import cpu_gemm
 
-    x, table = res
+    x, tc, table = res
     g = g.astype(x.dtype)
-    return (cpu_gemm.gemm(g, table).astype(x.dtype),
-            cpu_gemm.gemm(g, x, transpose_a=True).astype(table.dtype))
+    return (cpu_gemm.gemm(g, tc, out_dtype=x.dtype),
+            cpu_gemm.gemm(g, x, transpose_a=True, out_dtype=table.dtype))
 
 
 matmul_transposed.defvjp(_matmul_transposed_fwd, _matmul_transposed_bwd)

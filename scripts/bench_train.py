@@ -268,8 +268,9 @@ def main(argv):
     if device.platform == "cpu":
         from nanojax.kernels import cpu_gemm
 
-        print(f"dense products: {'the MKL gemm kernel' if cpu_gemm.enabled() else 'XLA dots'} "
-              f"(gemm kernel available: {cpu_gemm.available()})")
+        on = {dt: cpu_gemm.library(dt) or "XLA dots" for dt in ("float32", "bfloat16")}
+        print(f"dense products: float32 on {on['float32']}, bfloat16 on {on['bfloat16']} "
+              f"(gemm kernel libraries built: {', '.join(cpu_gemm.built()) or 'none'})")
     print("| shape | batch x ctx | impl | ms/step | tokens/s | nanojax speed-up |")
     print("|---|---|---|---:|---:|---:|")
     for name, bt, impl, ms, tps, ratio in rows:

@@ -1,4 +1,5 @@
-"""The training gemm kernel (nanojax/quant/csrc/gemm.cc: MKL's sgemm) behind `nanojax.dense`.
+"""The training gemm kernel (nanojax/quant/csrc/gemm.cc: MKL's sgemm and bf16 gemm, oneDNN's bf16
+matmul) behind `nanojax.dense`.
 
 Oracles: float64 numpy products; for the model, the same loss and gradients through XLA's dots.
 """
@@ -26,8 +27,20 @@ def gemm(kernels):
     installs it) it must be; elsewhere these tests skip."""
     if ffi.mkl_static_dir() is None:
         pytest.skip("mkl-static is not installed (pip install 'nanojax[mkl]'): no gemm kernel to test")
-    assert cpu_gemm.available(), ffi.kernels_info()
+    assert "mkl" in cpu_gemm.built(), ffi.kernels_info()
     return cpu_gemm
+
+
+@pytest.fixture(scope="module", params=["mkl", "onednn"])
+def bf16_lib(request, gemm):
+    """Each library with a bf16 handler: where its package is installed (the test extra installs
+    both) it must be built in; skips on a CPU without AVX512_BF16."""
+    if "avx512_bf16" not in (cpu_gemm._cpu().flags or ()):
+        pytest.skip("no AVX512_BF16 on this CPU: bf16 products stay on XLA")
+    if request.param == "onednn" and ffi.onednn_dirs() is None:
+        pytest.skip("onednn-cpu-gomp is not installed (pip install 'nanojax[onednn]')")
+    assert request.param in cpu_gemm.built(), ffi.kernels_info()
+    return request.param
 
 
 def operands(M, K, N, ta, tb, seed=0):
@@ -61,18 +74,22 @@ def test_products_match_float64_numpy(gemm, monkeypatch, M, K, N, ta, tb):
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * scale, err_msg=f"threads {threads}")
 
 
-def test_bf16_products_sum_in_fp32(gemm):
-    """bf16 operands: every form against float64 products of the same bf16 values (the sums in
-    fp32, so within fp32 rounding of K terms, far inside bf16's own spacing)."""
-    if not gemm.bf16_available():
-        pytest.skip("no AVX512_BF16 on this CPU: bf16 products stay on XLA")
-    for ta, tb in [(False, False), (False, True), (True, False)]:
-        a, b = operands(150, 96, 70, ta, tb, seed=5)
+# By rows (M >= N) and by columns; several blocks and one.
+@pytest.mark.parametrize("M,K,N", [(150, 96, 70), (40, 33, 130)])
+def test_bf16_products_sum_in_fp32(bf16_lib, monkeypatch, M, K, N):
+    """bf16 operands on each library: every form and thread count against float64 products of
+    the same bf16 values (the sums in fp32, so within fp32 rounding of K terms, far inside bf16's
+    own spacing)."""
+    for ta, tb in [(False, False), (False, True), (True, False), (True, True)]:
+        a, b = operands(M, K, N, ta, tb, seed=5)
         a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
         ref = product64(np.asarray(a16, np.float64), np.asarray(b16, np.float64), ta, tb)
-        got = gemm.gemm(a16, b16, transpose_a=ta, transpose_b=tb)
-        assert got.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        for threads in ("1", "2"):
+            monkeypatch.setenv("NANOJAX_KERNEL_THREADS", threads)
+            got = cpu_gemm.gemm(a16, b16, transpose_a=ta, transpose_b=tb, lib=bf16_lib)
+            assert got.dtype == jnp.float32 and got.shape == (M, N)
+            np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5 * np.abs(ref).max(),
+                                       err_msg=f"{ta=} {tb=} threads {threads}")
 
 
 def test_dense_gradients_through_the_kernel_match_float64(gemm):
@@ -106,8 +123,17 @@ def test_routing(gemm, monkeypatch):
         assert TARGET in hlo(mm(), x, w) and hlo(grad, x, w).count(TARGET) == 2
         assert TARGET not in hlo(mm(), x[:32], w)  # decode-sized: the small-M kernel's
         bf16 = hlo(mm(), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # native bf16 only
-        assert (ffi.GEMM_BF16_TARGET in bf16) == gemm.bf16_available()
-        assert TARGET not in hlo(mm(), x.astype(jnp.bfloat16), w)  # mixed dtypes: XLA's
+        lib = gemm.library("bfloat16")  # the family's measured choice, else oneDNN, else MKL
+        assert lib == (None if "avx512_bf16" not in (gemm._cpu().flags or ()) else
+                       gemm.MEASURED.get(gemm._family(), {}).get("bfloat16") or gemm.built()[-1])
+        assert (ffi.GEMM_BF16_TARGET in bf16) == (lib == "mkl")
+        assert (ffi.GEMM_BF16_DNNL_TARGET in bf16) == (lib == "onednn")
+        mixed = hlo(mm(), x.astype(jnp.bfloat16), w)  # bf16 x, fp32 master w: w cast for the kernel
+        bf16_targets = (ffi.GEMM_BF16_TARGET, ffi.GEMM_BF16_DNNL_TARGET)
+        assert f"@{TARGET}(" not in mixed
+        assert any(f"@{t}(" in mixed for t in bf16_targets) == (lib is not None)
+        other = hlo(mm(), x, w.astype(jnp.bfloat16))  # fp32 x, bf16 w: XLA's
+        assert not any(f"@{t}(" in other for t in (TARGET, *bf16_targets))
         head = jax.grad(lambda x, t: dense.dense_transposed(x, t, jnp.float32).sum(), argnums=(0, 1))
         assert "stablehlo.transpose" not in hlo(head, x, w.T) and hlo(head, x, w.T).count(TARGET) == 2
         token = ACTIVATION_CONSTRAINT.set(lambda x, axes: x)  # a sharded step is being traced
@@ -122,11 +148,15 @@ def test_routing(gemm, monkeypatch):
     monkeypatch.setenv("NANOJAX_GEMM_KERNEL", "1")  # on whatever the CPU family
     assert TARGET in hlo(mm(), x, w)
     monkeypatch.delenv("NANOJAX_GEMM_KERNEL")
-    expected = cpu_gemm._family() in cpu_gemm.MEASURED_FAMILIES  # the default: measured families only
-    assert (TARGET in hlo(mm(), x, w)) == expected
+    measured = cpu_gemm.MEASURED.get(cpu_gemm._family(), {})  # the default: measured choices only
+    assert (TARGET in hlo(mm(), x, w)) == (measured.get("float32") == "mkl")
+    bf16 = hlo(mm(), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    default = measured.get("bfloat16") if "avx512_bf16" in (gemm._cpu().flags or ()) else None
+    assert (ffi.GEMM_BF16_DNNL_TARGET in bf16) == (default == "onednn")
+    assert (ffi.GEMM_BF16_TARGET in bf16) == (default == "mkl")
 
 
-def kernel_and_xla_loss_and_grads(gemm, dtype):
+def kernel_and_xla_loss_and_grads(gemm, dtype, target=TARGET):
     """A one-layer tied-head GPT (biases on) loss and gradients traced with the gemm kernel on and
     off: ((kernel calls, loss, grads) on, (kernel calls, loss, grads) off)."""
     from nanojax.train.step import loss_fn
@@ -137,7 +167,6 @@ def kernel_and_xla_loss_and_grads(gemm, dtype):
     params = np_params(cfg, 0)
     x = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
     y = jnp.roll(x, -1, axis=1)
-    target = TARGET if dtype == "float32" else ffi.GEMM_BF16_TARGET
 
     def run():
         lowered = jax.jit(lambda p: jax.value_and_grad(loss_fn)(p, x, y, cfg)).lower(params)
@@ -163,12 +192,12 @@ def test_training_loss_and_grads_equal_the_xla_path(gemm):
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def test_bf16_training_loss_and_grads_close_to_the_xla_path(gemm):
+def test_bf16_training_loss_and_grads_close_to_the_xla_path(gemm, bf16_lib, monkeypatch):
     """Mixed precision (bf16 compute, fp32 params): the loss and gradients with every product on
-    the bf16 kernel against XLA's bf16 dots, within bf16 rounding."""
-    if not gemm.bf16_available():
-        pytest.skip("no AVX512_BF16 on this CPU: bf16 products stay on XLA")
-    (calls, loss, grads), (calls_x, loss_x, grads_x) = kernel_and_xla_loss_and_grads(gemm, "bfloat16")
+    each library's bf16 kernel against XLA's bf16 dots, within bf16 rounding."""
+    monkeypatch.setitem(gemm.MEASURED, gemm._family(), {"bfloat16": bf16_lib})
+    target = {"mkl": ffi.GEMM_BF16_TARGET, "onednn": ffi.GEMM_BF16_DNNL_TARGET}[bf16_lib]
+    (calls, loss, grads), (calls_x, loss_x, grads_x) = kernel_and_xla_loss_and_grads(gemm, "bfloat16", target)
     assert calls == 3 * 7
     assert calls_x == 0
     np.testing.assert_allclose(float(loss), float(loss_x), rtol=1e-2)
@@ -201,3 +230,41 @@ def test_bad_inputs_are_refused(gemm):
         gemm.gemm(a[None], b)
     with pytest.raises(TypeError, match="True, False or None"):
         gemm.gemm_kernel("yes")
+
+
+def test_mixed_precision_weight_gradients_stay_fp32(bf16_lib, monkeypatch):
+    """bf16 x with fp32 master weights (dense and the tied head): the products run on the bf16
+    kernel, and each weight's gradient leaves it in fp32, the float64 sum of the bf16 products to
+    fp32 rounding: not rounded to bf16 on the way (which would miss by ~1e-3 relative)."""
+    monkeypatch.setitem(cpu_gemm.MEASURED, cpu_gemm._family(), {"bfloat16": bf16_lib})
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((48, 24)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((48, 40)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((24, 40)), jnp.float32)  # (I, O); the table is w.T (O, I)
+    x64, g64 = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    w16 = np.asarray(w.astype(jnp.bfloat16), np.float64)
+    for fn, wt, dw_ref in ((dense.dense, w, x64.T @ g64), (dense.dense_transposed, w.T, g64.T @ x64)):
+        y, vjp = jax.vjp(lambda x, w, fn=fn: fn(x, w, jnp.bfloat16), x, wt)
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(y, np.float64), x64 @ w16, rtol=1e-2, atol=1e-2)
+        dx, dw = vjp(g)
+        assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(dx, np.float64), g64 @ w16.T, rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=0, atol=1e-5 * np.abs(dw_ref).max())
+
+
+def test_onednn_leaves_the_callers_openmp_thread_count(bf16_lib, monkeypatch):
+    """oneDNN runs each block with OpenMP at one thread on its thread, then puts the caller's count
+    back: a PyTorch on the same thread keeps its own parallelism."""
+    if bf16_lib != "onednn":
+        pytest.skip("MKL's sequential layer leaves OpenMP alone")
+    gomp = ctypes.CDLL("libgomp.so.1")
+    before = gomp.omp_get_max_threads()
+    gomp.omp_set_num_threads(3)
+    try:
+        monkeypatch.setenv("NANOJAX_KERNEL_THREADS", "1")  # every block on the calling thread
+        a = jnp.ones((80, 16), jnp.bfloat16)
+        np.testing.assert_array_equal(np.asarray(cpu_gemm.gemm(a, a, transpose_b=True, lib="onednn")), 16.0)
+        assert gomp.omp_get_max_threads() == 3
+    finally:
+        gomp.omp_set_num_threads(before)

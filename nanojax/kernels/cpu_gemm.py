@@ -1,23 +1,27 @@
-"""Training-sized matrix products on the CPU through Intel MKL (csrc/gemm.cc).
+"""Training-sized matrix products on the CPU through Intel MKL or oneDNN (csrc/gemm.cc).
 
     c = gemm(a, b)                          # a (M, K) @ b (K, N) -> (M, N), float32
     c = gemm(a, b, transpose_b=True)        # a (M, K) @ b^T, b (N, K): the dense backward's g @ w^T
     c = gemm(a, b, transpose_a=True)        # a^T @ b, a (K, M): the weight gradient x^T @ g
 
-a and b both float32 (MKL's sgemm) or both bfloat16 (its bf16 gemm: bf16 products summed in fp32,
-on AMX or AVX512_BF16); c is float32 either way.
+a and b both float32 (MKL's sgemm) or both bfloat16 (MKL's bf16 gemm or oneDNN's bf16 matmul:
+bf16 products summed in fp32, on AMX or AVX512_BF16); c is float32 either way.
 
 Why: at the quickstart's shapes (768 x 128 x 512) XLA:CPU's dot runs the dense layer's products at
 60-175 GFLOP/s on two Sapphire Rapids cores, MKL's sgemm at 190-280, and XLA's bf16 dot is no
 faster than its fp32 one while MKL's bf16 gemm runs 2-4x its sgemm (docs/performance.md, "Training
-GEMMs on MKL"). `nanojax.dense.matmul` sends its forward and both backward products here when
-`use_gemm_kernel` says so; the kernel splits the output over the caller and XLA's intra-op pool,
-one single-threaded MKL call per block, and reads transposed operands in place.
+GEMMs on MKL"). On an AMD Zen 5 the picture differs: XLA's fp32 dot beats MKL (which takes slow
+paths on AMD) and oneDNN's bf16 matmul runs at ~2x XLA's fp32 dot, while XLA's own bf16 dot is fast
+only untransposed ("bf16 on AMD: oneDNN"). So the library is chosen per CPU family and dtype
+(MEASURED, `library`). `nanojax.dense.matmul` sends its forward and both backward products here
+when `use_gemm_kernel` says so; the kernel splits the output over the caller and XLA's intra-op
+pool, one single-threaded library call per block, and reads transposed operands in place.
 
-MKL comes from the optional `mkl-static` package (`pip install 'nanojax[mkl]'`; `make install` adds
-it on x86-64 Linux), linked statically into the kernel library with its symbols kept local. Without
-it the library builds without a BLAS and XLA's dot runs, with the same numbers to rounding.
-"""
+MKL comes from the optional `mkl-static` package (`pip install 'nanojax[mkl]'`), linked statically
+into the kernel library with its symbols kept local; oneDNN from `onednn-cpu-gomp` and its headers'
+`onednn-devel-cpu-gomp` (`pip install 'nanojax[onednn]'`), linked as a shared library. `make
+install` adds both on x86-64 Linux. Without them the library builds without a BLAS and XLA's dot
+runs, with the same numbers to rounding."""
 
 from __future__ import annotations
 
@@ -30,9 +34,17 @@ import jax.numpy as jnp
 from nanojax.quant import ffi
 
 ENV_SWITCH = "NANOJAX_GEMM_KERNEL"
-# CPU families where the kernel was measured to make the train step faster (docs/performance.md);
-# elsewhere it runs only when NANOJAX_GEMM_KERNEL=1 or gemm_kernel(True) asks for it.
-MEASURED_FAMILIES = ("intel-avx512",)
+LIBRARIES = ("mkl", "onednn")
+# CPU family -> dtype -> the library the kernel runs that dtype's products on there by default,
+# each measured faster than XLA's dot on that family (docs/performance.md, "Training GEMMs on MKL"
+# and "bf16 on AMD: oneDNN"); a dtype or family not listed stays on XLA's dot unless
+# NANOJAX_GEMM_KERNEL=1 or gemm_kernel(True) asks for the kernel.
+MEASURED = {
+    "intel-avx512": {"float32": "mkl", "bfloat16": "mkl"},  # Sapphire Rapids: MKL, AMX for bf16
+    # Zen 5: XLA's fp32 dot ran the GPT-2 step at 1.9x MKL's sgemm (MKL takes slow paths on AMD);
+    # oneDNN's bf16 matmul runs at ~2x XLA's fp32 dot, MKL's bf16 gemm at ~0.4x.
+    "amd-avx512": {"bfloat16": "onednn"},
+}
 # Below this many rows of x the decode-sized fp32 kernel (dense.use_fp32_kernel) or XLA's dot runs.
 MIN_ROWS = ffi.FP32_KERNEL_MAX_ROWS + 1
 
@@ -42,7 +54,8 @@ _GEMM_KERNEL = jax.make_user_context(default_value=None)
 
 
 def gemm_kernel(enabled: bool | None):
-    """Context manager: force the gemm kernel on (where it can run: MKL built in) or off inside it.
+    """Context manager: force the gemm kernel on (where a library for the dtype is built in) or off
+    inside it.
 
     Functions jitted earlier are re-traced for the new value (NANOJAX_GEMM_KERNEL is read at trace
     time only, so it cannot A/B two runs in one process)."""
@@ -51,24 +64,44 @@ def gemm_kernel(enabled: bool | None):
     return _GEMM_KERNEL(enabled)
 
 
-def available() -> bool:
-    """True when the kernel can run here: the CPU backend and the kernel library built with MKL."""
-    return jax.default_backend() == "cpu" and ffi._load() and ffi._state.get("gemm_blas") == "mkl"
+def built() -> tuple[str, ...]:
+    """The libraries the kernel can call here, of LIBRARIES: on the CPU backend, "mkl" where the
+    kernel library was built with MKL, "onednn" where with oneDNN; () otherwise."""
+    if jax.default_backend() != "cpu" or not ffi._load():
+        return ()
+    return tuple(lib for lib, ok in (("mkl", ffi._state.get("gemm_blas") == "mkl"),
+                                     ("onednn", ffi._state.get("gemm_onednn", False))) if ok)
 
 
-def enabled() -> bool:
-    """Whether dense products may route here: `available()`, and either forced on
-    (`gemm_kernel(True)`, NANOJAX_GEMM_KERNEL=1) or this CPU's family is in MEASURED_FAMILIES and
-    neither `gemm_kernel(False)` nor NANOJAX_GEMM_KERNEL=0 switched it off (read at trace time)."""
+def _forced() -> bool | None:
     force = _GEMM_KERNEL.value
     if force is None:
         env = os.environ.get(ENV_SWITCH, "")
         force = True if env == "1" else False if ffi._switched_off(ENV_SWITCH) else None
+    return force
+
+
+def _runs(lib: str, dtype: str) -> bool:
+    """Whether `lib` has a handler for `dtype` products on this CPU (bf16 needs AVX512_BF16)."""
+    if dtype == "bfloat16":
+        return lib in LIBRARIES and "avx512_bf16" in (_cpu().flags or ())
+    return dtype == "float32" and lib == "mkl"
+
+
+def library(dtype) -> str | None:
+    """The library `dtype` (float32 or bfloat16) products run on, read at trace time: MEASURED's
+    choice for this CPU's family where it is built in; when forced on (`gemm_kernel(True)`,
+    NANOJAX_GEMM_KERNEL=1) that, else any built library with a handler for the dtype; None (XLA's
+    dot) when none fits or `gemm_kernel(False)` / NANOJAX_GEMM_KERNEL=0 switched it off."""
+    force = _forced()
+    name = jnp.dtype(dtype).name
     if force is False:
-        return False
-    if force is None and _family() not in MEASURED_FAMILIES:
-        return False
-    return available()
+        return None
+    have = [lib for lib in built() if _runs(lib, name)]
+    chosen = MEASURED.get(_family(), {}).get(name)
+    if chosen in have:
+        return chosen
+    return have[-1] if force and have else None  # forced: oneDNN before MKL for bf16
 
 
 @functools.cache
@@ -82,12 +115,6 @@ def _family() -> str:
     from nanojax import xla_env
 
     return xla_env.isa_family(_cpu())
-
-
-def bf16_available() -> bool:
-    """True when bf16 operands have a native path here: `available()` and a CPU with AVX512_BF16
-    (MKL then uses AMX where the OS grants it, else AVX512_BF16's dot products)."""
-    return "avx512_bf16" in (_cpu().flags or ()) and available()
 
 
 def _check(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> tuple[int, int, int]:
@@ -106,16 +133,29 @@ def _check(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> 
     return M, K, N
 
 
-def gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-    """op(a) @ op(b) on MKL: op(a) (M, K) is a, or a^T for a (K, M) when transpose_a; op(b) (K, N)
-    is b, or b^T for b (N, K) when transpose_b; a and b both float32 (sgemm) or both bfloat16 (bf16
-    products summed in fp32). Returns (M, N) float32 either way. Not differentiable by itself
-    (dense.matmul's custom VJP calls it for each product); needs `available()`. Under vmap the call
-    runs once per mapped element."""
+def gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: bool = False,
+         lib: str | None = None, out_dtype: jnp.dtype = jnp.float32) -> jax.Array:
+    """op(a) @ op(b) on `lib` ("mkl" or "onednn"; None: `library(a.dtype)`, else any built one):
+    op(a) (M, K) is a, or a^T for a (K, M) when transpose_a; op(b) (K, N) is b, or b^T for b (N, K)
+    when transpose_b; a and b both float32 (MKL's sgemm) or both bfloat16 (bf16 products summed in
+    fp32). Returns (M, N) in out_dtype: the fp32 sums, rounded to bfloat16 where asked (by oneDNN
+    as it stores them, else by a cast). Not differentiable by itself (dense.matmul's custom VJP
+    calls it for each product). Under vmap the call runs once per mapped element."""
     M, _, N = _check(a, b, transpose_a, transpose_b)
-    if not available():
-        why = ffi._state.get("why") or "the kernel library was built without MKL (pip install mkl-static)"
-        raise RuntimeError(f"gemm: the MKL gemm kernel is unavailable ({why}); use jnp.dot")
-    target = ffi.GEMM_TARGET if a.dtype == jnp.float32 else ffi.GEMM_BF16_TARGET
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, N), jnp.float32), vmap_method="sequential")
-    return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+    name = jnp.dtype(a.dtype).name
+    if lib is None:
+        lib = library(a.dtype) or next((x for x in reversed(built()) if _runs(x, name)), None)
+    if lib is None or lib not in built() or not _runs(lib, name):
+        needs = "AVX512_BF16 and MKL or oneDNN" if name == "bfloat16" else "MKL"
+        have = list(built()) or "neither MKL nor oneDNN"
+        why = ffi._state.get("why") or f"built with {have}; {name} needs {needs}"
+        raise RuntimeError(f"gemm: no {lib or 'library'} gemm kernel for {name} here ({why}); "
+                           "pip install 'nanojax[mkl,onednn]', or use jnp.dot")
+    target = {("mkl", "float32"): ffi.GEMM_TARGET, ("mkl", "bfloat16"): ffi.GEMM_BF16_TARGET,
+              ("onednn", "bfloat16"): ffi.GEMM_BF16_DNNL_TARGET}[lib, name]
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"gemm: out_dtype must be float32 or bfloat16, got {out_dtype}")
+    stored = out_dtype if lib == "onednn" else jnp.float32  # MKL stores fp32 only
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((M, N), stored), vmap_method="sequential")
+    return call(a, b, transpose_a=bool(transpose_a), transpose_b=bool(transpose_b)).astype(out_dtype)

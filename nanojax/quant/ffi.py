@@ -57,8 +57,10 @@ _ATTN_TARGET = "nanojax_decode_attention"  # csrc/dattn.cc: one query per row ov
 _ADAMW_TARGET = "nanojax_adamw"  # csrc/adamw.cc: the whole clipped AdamW update, in place
 GEMM_TARGET = "nanojax_gemm"  # csrc/gemm.cc: fp32 op(a) @ op(b) on MKL's sgemm (nanojax.kernels.cpu_gemm)
 GEMM_BF16_TARGET = "nanojax_gemm_bf16"  # the same for bf16 a, b (fp32 sums and result)
+GEMM_BF16_DNNL_TARGET = "nanojax_onednn_gemm_bf16"  # the bf16 product on oneDNN's matmul
 # The static MKL archives gemm.cc links (sequential layer, 32-bit ints), in link order.
 _MKL_ARCHIVES = ("libmkl_intel_lp64.a", "libmkl_sequential.a", "libmkl_core.a")
+_DNNL_SONAME = "libdnnl.so.3"  # oneDNN 3.x, GNU OpenMP build (the onednn-cpu-gomp package)
 # csrc/fattn.cc: causal training attention, forward and backward (nanojax.kernels.cpu_attention)
 _TRAIN_ATTN_TARGETS = {"nanojax_causal_attention_fwd": "NjCausalAttentionFwd",
                        "nanojax_causal_attention_bwd": "NjCausalAttentionBwd"}
@@ -119,27 +121,59 @@ def mkl_static_dir() -> Path | None:
         return None
     if env:
         return Path(env)
+    core = _package_file("mkl-static", _MKL_ARCHIVES[-1])
+    if core is None:
+        return None
+    return core.parent if all((core.parent / a).exists() for a in _MKL_ARCHIVES) else None
+
+
+def _package_file(dist: str, name: str) -> Path | None:
+    """The installed file of the distribution `dist` whose path ends with `name` (the first one
+    listed), or None."""
     import importlib.metadata
 
     try:
-        files = importlib.metadata.distribution("mkl-static").files or []
+        files = importlib.metadata.distribution(dist).files or []
     except importlib.metadata.PackageNotFoundError:
         return None
     for f in files:
-        if f.name == _MKL_ARCHIVES[-1]:
-            found = Path(f.locate()).resolve().parent
-            return found if all((found / a).exists() for a in _MKL_ARCHIVES) else None
+        if str(f).endswith(name):
+            found = Path(f.locate()).resolve()
+            return found if found.exists() else None
     return None
 
 
+def onednn_dirs() -> tuple[Path, Path] | None:
+    """(include folder, lib folder) of oneDNN for gemm.cc's bf16 handler on AMD CPUs: the
+    `onednn-devel-cpu-gomp` and `onednn-cpu-gomp` packages (pip install 'nanojax[onednn]'), else
+    None (the library builds without it). NANOJAX_ONEDNN=0 builds without it."""
+    if os.environ.get("NANOJAX_ONEDNN") == "0":
+        return None
+    header = _package_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.h")
+    lib = _package_file("onednn-cpu-gomp", _DNNL_SONAME)
+    if header is None or lib is None:
+        return None
+    return header.parent.parent.parent, lib.parent  # .../include/oneapi/dnnl/dnnl.h -> include
+
+
 def _link_args() -> list[str]:
-    """Linker arguments for MKL, or [] without it. --exclude-libs keeps MKL's symbols inside the
-    library: loaded into a process that also holds PyTorch's MKL, neither binds to the other's."""
-    mkl = mkl_static_dir()
-    if mkl is None or platform.machine() not in ("x86_64", "AMD64"):
+    """Compiler and linker arguments for MKL and oneDNN, each where found ([] without either).
+    --exclude-libs keeps MKL's symbols inside the library: loaded into a process that also holds
+    PyTorch's MKL, neither binds to the other's. oneDNN is a shared library found by rpath; it
+    exports only its dnnl_* API, which PyTorch's build does not export."""
+    if platform.machine() not in ("x86_64", "AMD64"):
         return []
-    return ["-DNJ_WITH_MKL", "-Wl,--start-group", *(str(mkl / a) for a in _MKL_ARCHIVES),
-            "-Wl,--end-group", "-Wl,--exclude-libs,ALL", "-lpthread", "-lm", "-ldl"]
+    args = []
+    mkl = mkl_static_dir()
+    if mkl is not None:
+        args += ["-DNJ_WITH_MKL", "-Wl,--start-group", *(str(mkl / a) for a in _MKL_ARCHIVES),
+                 "-Wl,--end-group", "-Wl,--exclude-libs,ALL"]
+    dnnl = onednn_dirs()
+    if dnnl is not None:
+        inc, lib = dnnl
+        args += ["-DNJ_WITH_DNNL", "-isystem", str(inc), str(lib / _DNNL_SONAME), f"-Wl,-rpath,{lib}",
+                 "-lgomp"]
+    return [*args, "-lpthread", "-lm", "-ldl"] if args else []
 
 
 def _cache_dir() -> Path:
@@ -159,8 +193,9 @@ def library_path(cxx: str = "g++") -> Path:
         ver = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         ver = ""
-    link = _link_args()  # with MKL: the archives' paths, and their sizes and times below
-    mkl = [f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in map(Path, link) if p.suffix == ".a"]
+    link = _link_args()  # with MKL / oneDNN: the libraries' paths, and their sizes and times below
+    mkl = [f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in map(Path, link)
+           if p.suffix == ".a" or p.name == _DNNL_SONAME]
     h.update(f"{jaxlib.__version__}|{CXXFLAGS}|{ver.splitlines()[:1]}|{_cpu_flags()}|{platform.machine()}|"
              f"{link}|{mkl}".encode())
     return _cache_dir() / h.hexdigest()[:16] / "libnjquant.so"
@@ -217,7 +252,8 @@ def _load() -> bool:
                 jax.ffi.register_ffi_target(_ATTN_TARGET, jax.ffi.pycapsule(lib.NjDecodeAttention),
                                             platform="cpu")
                 jax.ffi.register_ffi_target(_ADAMW_TARGET, jax.ffi.pycapsule(lib.NjAdamW), platform="cpu")
-                for target, fn in ((GEMM_TARGET, lib.NjGemm), (GEMM_BF16_TARGET, lib.NjGemmBf16)):
+                for target, fn in ((GEMM_TARGET, lib.NjGemm), (GEMM_BF16_TARGET, lib.NjGemmBf16),
+                                   (GEMM_BF16_DNNL_TARGET, lib.NjGemmBf16Dnnl)):
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
                 for target, fn in _TRAIN_ATTN_TARGETS.items():  # csrc/fattn.cc, kernels/cpu_attention.py
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, fn)), platform="cpu")
@@ -229,7 +265,9 @@ def _load() -> bool:
                 bits = lib.nj_quant_vector_bits()
                 _state["bits"], _state["vnni"] = bits & ~1, bool(bits & 1)
                 _state["fp32_bits"] = lib.nj_fp32_vector_bits()
-                _state["gemm_blas"] = "mkl" if lib.nj_gemm_blas() == 1 else None
+                libs = lib.nj_gemm_blas()
+                _state["gemm_blas"] = "mkl" if libs & 1 else None
+                _state["gemm_onednn"] = bool(libs & 2)
                 _state["lib"] = lib  # keep the library loaded
             except (RuntimeError, OSError, AttributeError) as e:
                 why = str(e)
@@ -251,11 +289,12 @@ def kernels_available() -> bool:
 def kernels_info() -> dict:
     """What `kernels_available` found: {"available", "vector_bits" (512/256/0), "vnni" (int4 x int8
     activations in integers), "fp32_vector_bits" (the fp32 kernel's loops), "gemm_blas" (the BLAS
-    the training gemm kernel calls: "mkl", or None when built without one), "why" (if not)}."""
+    the training gemm kernel calls: "mkl", or None when built without one), "gemm_onednn" (its
+    bf16 products can run on oneDNN), "why" (if not)}."""
     ok = _load()
     return {"available": ok, "vector_bits": _state.get("bits", 0), "vnni": _state.get("vnni", False),
             "fp32_vector_bits": _state.get("fp32_bits", 0), "gemm_blas": _state.get("gemm_blas"),
-            "why": _state.get("why")}
+            "gemm_onednn": _state.get("gemm_onednn", False), "why": _state.get("why")}
 
 
 def _reset_for_tests() -> None:

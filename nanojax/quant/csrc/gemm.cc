@@ -2,31 +2,50 @@
 //
 //   c (M, N) = op(a) @ op(b),   op(a) = a (M, K) or a^T with a (K, M); op(b) = b (K, N) or b^T
 //   with b (N, K); row-major, read in place (a transposed operand is not copied); c float32.
-//   NjGemm: a, b float32. NjGemmBf16: a, b bfloat16, the products summed in fp32.
+//   NjGemm: a, b float32, on MKL. NjGemmBf16: a, b bfloat16, the products summed in fp32, on MKL.
+//   NjGemmBf16Dnnl: the same bf16 product on oneDNN's matmul; c float32 or bfloat16 (rounded
+//   once from the fp32 sums as it is stored, where a separate cast would take another pass).
 //
 // Why: XLA:CPU's own dot (its YNN fusions) ran the dense layer's three products (forward x @ w,
 // backward g @ w^T and x^T @ g) at 60-175 GFLOP/s on two Sapphire Rapids cores at the quickstart's
 // 768 x 128 x 512 shapes, where Intel MKL's sgemm runs at 190-280, and XLA's bf16 dot was no faster
 // than its fp32 one, where MKL's bf16 gemm runs on the CPU's bf16 units (AMX where the OS grants it)
-// at 2-4x its sgemm (docs/performance.md, "Training GEMMs on MKL"). The kernel cuts c into row (or
-// column) blocks, one per thread, each one single-threaded MKL call, the blocks shared by the
-// caller and XLA's intra-op pool (parallel.h), as the other training kernels do.
+// at 2-4x its sgemm (docs/performance.md, "Training GEMMs on MKL"). On an AMD EPYC (Zen 5) MKL takes
+// slow paths (its fp32 and bf16 gemms ran the GPT-2 step at half XLA's speed) while oneDNN's bf16
+// matmul runs its AVX512_BF16 kernels at ~1.8x XLA's fp32 dot ("bf16 on AMD: oneDNN"). The kernel
+// cuts c into row (or column) blocks, one per thread, each one single-threaded library call, the
+// blocks shared by the caller and XLA's intra-op pool (parallel.h), as the other training kernels do.
 //
 // MKL is linked statically from the `mkl-static` package when the build finds it (ffi.py): its
 // sequential layer, so every call runs on its caller's thread alone; its symbols are kept local to
-// this library, so a PyTorch or NumPy in the same process keeps its own BLAS and threading. Built
-// without it, nj_gemm_blas() returns 0, the calls return an error and nanojax.kernels.cpu_gemm never
-// routes here.
+// this library, so a PyTorch or NumPy in the same process keeps its own BLAS and threading. oneDNN
+// is linked as the shared library of the `onednn-cpu-gomp` package (GNU OpenMP threading); each
+// call runs with the calling thread's OpenMP thread count set to 1 and put back afterwards, so it
+// stays on its thread and a PyTorch in the same process keeps its own count. Built without either,
+// nj_gemm_blas() says so, those calls return an error and nanojax.kernels.cpu_gemm never routes
+// there.
 //
-// Numbers: each block is an independent MKL call with the same K, so a result depends on MKL's
-// kernel for that block shape; the split depends on M, N and the thread count only, so a run is
-// deterministic for a given machine and NANOJAX_KERNEL_THREADS.
+// Numbers: each block is an independent library call with the same K, so a result depends on the
+// library's kernel for that block shape; the split depends on M, N and the thread count only, so a
+// run is deterministic for a given machine and NANOJAX_KERNEL_THREADS.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
+
+#ifdef NJ_WITH_DNNL
+#include <oneapi/dnnl/dnnl.h>
+extern "C" int omp_get_max_threads();
+extern "C" void omp_set_num_threads(int);
+#endif
 
 namespace ffi = xla::ffi;
 
@@ -41,26 +60,166 @@ extern "C" void cblas_gemm_bf16bf16f32(int layout, int trans_a, int trans_b, int
 
 namespace {
 
-#ifdef NJ_WITH_MKL
-
-enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };  // CBLAS's enum values
 constexpr int64_t kAlign = 16;     // a block's rows (or columns) are a multiple of this: whole zmm
-constexpr int64_t kMinRows = 64;   // no block smaller than this (a BLAS call has a fixed cost)
+constexpr int64_t kMinRows = 64;   // no block smaller than this (a library call has a fixed cost)
 
-// One sgemm, or one bf16 x bf16 -> fp32 gemm, row-major.
-void blas_gemm(int ta, int tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
-               float* c, int ldc) {
-  cblas_sgemm(kRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+// One block's product, c (m, n) = op(a) @ op(b), row-major with leading dimensions lda, ldb, ldc,
+// c bfloat16 if c_bf16 else float32, on the calling thread alone; false when the library failed.
+using BlockFn = bool (*)(bool ta, bool tb, int m, int n, int k, const void* a, int lda, const void* b,
+                         int ldb, void* c, int ldc, bool c_bf16);
+
+#ifdef NJ_WITH_MKL
+enum { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };  // CBLAS's enum values
+
+bool mkl_sgemm(bool ta, bool tb, int m, int n, int k, const void* a, int lda, const void* b, int ldb,
+               void* c, int ldc, bool /*c_bf16: false*/) {
+  cblas_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f,
+              static_cast<const float*>(a), lda, static_cast<const float*>(b), ldb, 0.0f, static_cast<float*>(c),
+              ldc);
+  return true;
 }
-void blas_gemm(int ta, int tb, int m, int n, int k, const uint16_t* a, int lda, const uint16_t* b, int ldb,
-               float* c, int ldc) {
-  cblas_gemm_bf16bf16f32(kRowMajor, ta, tb, m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+bool mkl_bf16(bool ta, bool tb, int m, int n, int k, const void* a, int lda, const void* b, int ldb,
+              void* c, int ldc, bool /*c_bf16: false*/) {
+  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f,
+                         static_cast<const uint16_t*>(a), lda, static_cast<const uint16_t*>(b), ldb, 0.0f,
+                         static_cast<float*>(c), ldc);
+  return true;
+}
+constexpr BlockFn kMklSgemm = mkl_sgemm, kMklBf16 = mkl_bf16;
+#else
+constexpr BlockFn kMklSgemm = nullptr, kMklBf16 = nullptr;
+#endif
+
+#ifdef NJ_WITH_DNNL
+// oneDNN's matmul, one primitive per block shape (made on first use, kept for the process: a
+// model has a few dozen), run on the calling thread with a scratchpad of that thread's own, so
+// the blocks of a call (and calls on other threads) run the same primitive at once.
+namespace onednn {
+
+dnnl_engine_t engine() {
+  static dnnl_engine_t eng = [] {
+    dnnl_engine_t e = nullptr;
+    return dnnl_engine_create(&e, dnnl_cpu, 0) == dnnl_success ? e : nullptr;
+  }();
+  return eng;
 }
 
+// OpenMP's thread count on this thread is 1 while it lives (a primitive reads it when made and
+// when run), then back to what it was: the thread may be one PyTorch also runs OpenMP loops on.
+class OneOmpThread {
+ public:
+  OneOmpThread() : prev_(omp_get_max_threads()) {
+    if (prev_ != 1) omp_set_num_threads(1);
+  }
+  ~OneOmpThread() {
+    if (prev_ != 1) omp_set_num_threads(prev_);
+  }
+
+ private:
+  int prev_;
+};
+
+struct Plan {
+  dnnl_primitive_desc_t pd;
+  dnnl_primitive_t prim;
+  size_t scratch_bytes;
+};
+using Key = std::tuple<bool, bool, int, int, int, int, int, int, bool>;  // ta, tb, m, n, k, lda, ldb, ldc, c_bf16
+
+const Plan* plan(const Key& key) {
+  static std::mutex mu;
+  static auto* plans = new std::map<Key, Plan>;  // never freed: node addresses stay valid
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = plans->find(key); it != plans->end()) return &it->second;
+  const auto [ta, tb, m, n, k, lda, ldb, ldc, c_bf16] = key;
+  // op(a) (m, k) and op(b) (k, n) read in place: a transposed operand swaps its strides.
+  const dnnl_dims_t a_dims = {m, k}, a_strides = {ta ? 1 : lda, ta ? lda : 1};
+  const dnnl_dims_t b_dims = {k, n}, b_strides = {tb ? 1 : ldb, tb ? ldb : 1};
+  const dnnl_dims_t c_dims = {m, n}, c_strides = {ldc, 1};
+  dnnl_memory_desc_t a_md = nullptr, b_md = nullptr, c_md = nullptr;
+  dnnl_primitive_attr_t attr = nullptr;
+  dnnl_primitive_desc_t pd = nullptr;
+  dnnl_primitive_t prim = nullptr;
+  bool ok = dnnl_memory_desc_create_with_strides(&a_md, 2, a_dims, dnnl_bf16, a_strides) == dnnl_success &&
+            dnnl_memory_desc_create_with_strides(&b_md, 2, b_dims, dnnl_bf16, b_strides) == dnnl_success &&
+            dnnl_memory_desc_create_with_strides(&c_md, 2, c_dims, c_bf16 ? dnnl_bf16 : dnnl_f32, c_strides) ==
+                dnnl_success &&
+            dnnl_primitive_attr_create(&attr) == dnnl_success &&
+            dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user) == dnnl_success &&
+            dnnl_matmul_primitive_desc_create(&pd, engine(), a_md, b_md, nullptr, c_md, attr) == dnnl_success &&
+            dnnl_primitive_create(&prim, pd) == dnnl_success;
+  for (dnnl_memory_desc_t md : {a_md, b_md, c_md})
+    if (md) dnnl_memory_desc_destroy(md);
+  if (attr) dnnl_primitive_attr_destroy(attr);
+  if (!ok) {
+    if (prim) dnnl_primitive_destroy(prim);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    return nullptr;
+  }
+  const size_t scratch = dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
+  return &plans->emplace(key, Plan{pd, prim, scratch}).first->second;
+}
+
+bool bf16(bool ta, bool tb, int m, int n, int k, const void* a, int lda, const void* b, int ldb, void* c,
+          int ldc, bool c_bf16) {
+  struct Stream {
+    dnnl_stream_t s = nullptr;
+    ~Stream() {
+      if (s) dnnl_stream_destroy(s);
+    }
+  };
+  thread_local Stream stream;
+  thread_local std::vector<char> scratch;
+  if (engine() == nullptr) return false;
+  OneOmpThread one;
+  const Plan* p = plan(Key{ta, tb, m, n, k, lda, ldb, ldc, c_bf16});
+  if (p == nullptr) return false;
+  if (!stream.s && dnnl_stream_create(&stream.s, engine(), dnnl_stream_default_flags) != dnnl_success) return false;
+  if (scratch.size() < p->scratch_bytes) scratch.resize(p->scratch_bytes);
+  const struct {
+    int arg;
+    dnnl_query_t query;
+    void* data;
+  } bind[] = {{DNNL_ARG_SRC, dnnl_query_src_md, const_cast<void*>(a)},
+              {DNNL_ARG_WEIGHTS, dnnl_query_weights_md, const_cast<void*>(b)},
+              {DNNL_ARG_DST, dnnl_query_dst_md, c},
+              {DNNL_ARG_SCRATCHPAD, dnnl_query_scratchpad_md, scratch.data()}};
+  const int nargs = p->scratch_bytes > 0 ? 4 : 3;
+  dnnl_exec_arg_t args[4] = {};
+  bool ok = true;
+  for (int i = 0; i < nargs; ++i) {
+    args[i].arg = bind[i].arg;
+    ok = ok && dnnl_memory_create(&args[i].memory, dnnl_primitive_desc_query_md(p->pd, bind[i].query, 0),
+                                  engine(), bind[i].data) == dnnl_success;
+  }
+  ok = ok && dnnl_primitive_execute(p->prim, stream.s, nargs, args) == dnnl_success &&
+       dnnl_stream_wait(stream.s) == dnnl_success;
+  for (int i = 0; i < nargs; ++i)
+    if (args[i].memory) dnnl_memory_destroy(args[i].memory);
+  return ok;
+}
+
+}  // namespace onednn
+constexpr BlockFn kDnnlBf16 = onednn::bf16;
+#else
+constexpr BlockFn kDnnlBf16 = nullptr;
+#endif
+
+// Cuts c into blocks along its longer side, one per thread (more only cost library calls:
+// measured), and runs `block` on each over the caller and XLA's pool. c is float32, or bfloat16
+// where `block` stores that. `library` names the library in errors: "MKL" or "oneDNN".
 template <ffi::DataType T>
-ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<T> a, ffi::Buffer<T> b, ffi::ResultBuffer<ffi::F32> c,
-                    bool transpose_a, bool transpose_b) {
-  const auto da = a.dimensions(), db = b.dimensions(), dc = c->dimensions();
+ffi::Error GemmBlocks(ffi::ThreadPool& pool, ffi::Buffer<T>& a, ffi::Buffer<T>& b, ffi::AnyBuffer c,
+                      bool transpose_a, bool transpose_b, BlockFn block, const char* library) {
+  if (block == nullptr)
+    return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                      std::string("nanojax gemm: the kernel library was built without ") + library +
+                          " (install mkl-static / onednn-cpu-gomp: pip install 'nanojax[mkl,onednn]', and "
+                          "rebuild: `make kernels`)");
+  const bool c_bf16 = c.element_type() == ffi::DataType::BF16;
+  if (!c_bf16 && c.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("nanojax gemm: c must be float32 or bfloat16");
+  const auto da = a.dimensions(), db = b.dimensions(), dc = c.dimensions();
   if (da.size() != 2 || db.size() != 2 || dc.size() != 2)
     return ffi::Error::InvalidArgument("nanojax gemm: a, b and c must be 2-D");
   const int64_t M = transpose_a ? da[1] : da[0], K = transpose_a ? da[0] : da[1];
@@ -71,70 +230,96 @@ ffi::Error GemmImpl(ffi::ThreadPool pool, ffi::Buffer<T> a, ffi::Buffer<T> b, ff
     return ffi::Error::InvalidArgument("nanojax gemm: a dimension exceeds the BLAS's 32-bit sizes");
   const auto* A = a.typed_data();
   const auto* B = b.typed_data();
-  float* C = c->typed_data();
+  char* C = static_cast<char*>(c.untyped_data());
+  const int64_t c_size = c_bf16 ? 2 : 4;  // bytes per element of c
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0) {
-    std::fill(C, C + M * N, 0.0f);
+    std::fill(C, C + M * N * c_size, 0);  // 0.0 in both formats
     return ffi::Error::Success();
   }
   const int lda = static_cast<int>(da[1]), ldb = static_cast<int>(db[1]);
-  const int ta = transpose_a ? kTrans : kNoTrans, tb = transpose_b ? kTrans : kNoTrans;
-  // Blocks along the longer side of c, one per thread (more only cost BLAS calls: measured).
   const bool by_rows = M >= N;
   const int64_t extent = by_rows ? M : N;
   const int64_t threads = nj::kernel_threads(pool);
-  int64_t block = (extent + threads - 1) / threads;
-  block = std::max(kMinRows, (block + kAlign - 1) / kAlign * kAlign);
-  const int64_t units = (extent + block - 1) / block;
+  int64_t size = (extent + threads - 1) / threads;
+  size = std::max(kMinRows, (size + kAlign - 1) / kAlign * kAlign);
+  const int64_t units = (extent + size - 1) / size;
+  std::atomic<bool> failed{false};
   nj::parallel_units(pool, units, [&](int64_t u) {
-    const int64_t lo = u * block, n = std::min(extent, lo + block) - lo;
+    const int64_t lo = u * size, n = std::min(extent, lo + size) - lo;
+    bool ok;
     if (by_rows) {  // rows [lo, lo + n) of op(a) and c
-      blas_gemm(ta, tb, static_cast<int>(n), static_cast<int>(N), static_cast<int>(K),
-                transpose_a ? A + lo : A + lo * lda, lda, B, ldb, C + lo * N, static_cast<int>(N));
+      ok = block(transpose_a, transpose_b, static_cast<int>(n), static_cast<int>(N), static_cast<int>(K),
+                 transpose_a ? A + lo : A + lo * lda, lda, B, ldb, C + lo * N * c_size, static_cast<int>(N), c_bf16);
     } else {  // columns [lo, lo + n) of op(b) and c
-      blas_gemm(ta, tb, static_cast<int>(M), static_cast<int>(n), static_cast<int>(K), A, lda,
-                transpose_b ? B + lo * ldb : B + lo, ldb, C + lo, static_cast<int>(N));
+      ok = block(transpose_a, transpose_b, static_cast<int>(M), static_cast<int>(n), static_cast<int>(K), A, lda,
+                 transpose_b ? B + lo * ldb : B + lo, ldb, C + lo * c_size, static_cast<int>(N), c_bf16);
     }
+    if (!ok) failed.store(true);
   });
+  if (failed.load())
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("nanojax gemm: ") + library + " failed on a (" + std::to_string(M) + ", " +
+                          std::to_string(K) + ") @ (" + std::to_string(K) + ", " + std::to_string(N) + ") product");
   return ffi::Error::Success();
 }
 
-#else  // built without MKL: the handlers exist (ffi.py registers them) and refuse every call
-
-template <ffi::DataType T>
-ffi::Error GemmImpl(ffi::ThreadPool, ffi::Buffer<T>, ffi::Buffer<T>, ffi::ResultBuffer<ffi::F32>, bool, bool) {
-  return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    "nanojax gemm: the kernel library was built without a BLAS (install mkl-static and "
-                    "rebuild: `make kernels`)");
+// MKL's gemms store fp32 only.
+ffi::Error GemmF32Mkl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                      ffi::Result<ffi::AnyBuffer> c, bool transpose_a, bool transpose_b) {
+  if (c->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("nanojax gemm: MKL's result c must be float32");
+  return GemmBlocks(pool, a, b, *c, transpose_a, transpose_b, kMklSgemm, "MKL");
 }
-
-#endif
+ffi::Error GemmBf16Mkl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                       ffi::Result<ffi::AnyBuffer> c, bool transpose_a, bool transpose_b) {
+  if (c->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("nanojax gemm: MKL's result c must be float32");
+  return GemmBlocks(pool, a, b, *c, transpose_a, transpose_b, kMklBf16, "MKL");
+}
+ffi::Error GemmBf16Dnnl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                        ffi::Result<ffi::AnyBuffer> c, bool transpose_a, bool transpose_b) {
+  return GemmBlocks(pool, a, b, *c, transpose_a, transpose_b, kDnnlBf16, "oneDNN");
+}
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemm, GemmImpl<ffi::F32>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemm, GemmF32Mkl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // a (M, K), or (K, M) if transpose_a
                                   .Arg<ffi::Buffer<ffi::F32>>()  // b (K, N), or (N, K) if transpose_b
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // c (M, N)
+                                  .Ret<ffi::AnyBuffer>()         // c (M, N), fp32
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16, GemmImpl<ffi::BF16>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16, GemmBf16Mkl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // a, as NjGemm's
                                   .Arg<ffi::Buffer<ffi::BF16>>()  // b
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // c (M, N), fp32
+                                  .Ret<ffi::AnyBuffer>()          // c (M, N), fp32
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
 
-// Which BLAS the gemm kernel calls, for kernels_info(): 1 = MKL (linked statically), 0 = none.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16Dnnl, GemmBf16Dnnl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // a, as NjGemm's
+                                  .Arg<ffi::Buffer<ffi::BF16>>()  // b
+                                  .Ret<ffi::AnyBuffer>()          // c (M, N), fp32 or bf16
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
+
+// Which libraries the gemm kernel calls, for kernels_info(): bit 0 = MKL (linked statically, the
+// fp32 and bf16 handlers), bit 1 = oneDNN (NjGemmBf16Dnnl); 0 = neither.
 extern "C" int nj_gemm_blas() {
+  int libs = 0;
 #ifdef NJ_WITH_MKL
-  return 1;
-#else
-  return 0;
+  libs |= 1;
 #endif
+#ifdef NJ_WITH_DNNL
+  libs |= 2;
+#endif
+  return libs;
 }
