@@ -90,6 +90,12 @@ def test_bf16_products_sum_in_fp32(bf16_lib, monkeypatch, M, K, N):
             assert got.dtype == jnp.float32 and got.shape == (M, N)
             np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5 * np.abs(ref).max(),
                                        err_msg=f"{ta=} {tb=} threads {threads}")
+            # A bf16 result: those sums rounded once (by oneDNN as it stores them, MKL by a cast).
+            got16 = cpu_gemm.gemm(a16, b16, transpose_a=ta, transpose_b=tb, lib=bf16_lib,
+                                  out_dtype=jnp.bfloat16)
+            assert got16.dtype == jnp.bfloat16
+            np.testing.assert_allclose(np.asarray(got16, np.float64), ref, rtol=2.0**-8,
+                                       atol=1e-5 * np.abs(ref).max(), err_msg=f"bf16 {ta=} {tb=} {threads=}")
 
 
 def test_dense_gradients_through_the_kernel_match_float64(gemm):
