@@ -196,6 +196,15 @@ def _w(a: jax.Array, cfg: ModelConfig) -> jax.Array:
     return a.astype(cfg.compute_dtype)
 
 
+def _plus_bias_f32(h: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """h (M, F) + bias (F,) in float32, for the MLP's activation to run in float32 before the
+    result goes back to the compute dtype. XLA:CPU emulates bf16 elementwise math: GELU's forward
+    and backward over GPT-2's (512, 3072) took 2.2 + 8.4 ms in bf16 against 0.8 + 1.6 in fp32
+    (Zen 5). In fp32 training the casts are no-ops; on a GPU they fuse into the same kernel."""
+    hf = h.astype(jnp.float32)
+    return hf if bias is None else hf + bias.astype(jnp.float32)
+
+
 # An attention callable: (q (B,T,N,H), k (B,T,K,H), v (B,T,K,H), layer_state) -> (out, new_state).
 # Training uses plain causal attention; generate.py passes one that reads and writes a KV cache;
 # the manual sharded step passes ring attention over the sequence shards.
@@ -300,22 +309,19 @@ def block(
     if comms is not None:
         h = comms.enter(h)
     if cfg.mlp == "swiglu":
-        gate = dense(h, m["w_gate"], cfg.compute_dtype)
-        up = dense(h, m["w_up"], cfg.compute_dtype)
-        if "b_gate" in m:
-            gate, up = gate + _w(m["b_gate"], cfg), up + _w(m["b_up"], cfg)
-        h = dense(checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden"), m["w_down"], cfg.compute_dtype)
+        gate = _plus_bias_f32(dense(h, m["w_gate"], cfg.compute_dtype), m.get("b_gate"))
+        up = _plus_bias_f32(dense(h, m["w_up"], cfg.compute_dtype), m.get("b_up"))
+        hidden = (jax.nn.silu(gate) * up).astype(cfg.compute_dtype)
+        h = dense(checkpoint_name(hidden, "mlp_hidden"), m["w_down"], cfg.compute_dtype)
         if comms is not None:
             h = comms.leave(h)
         if "b_down" in m:
             h = h + _w(m["b_down"], cfg)
     else:
-        h = dense(h, m["w_in"], cfg.compute_dtype)
-        if "b_in" in m:
-            h = h + _w(m["b_in"], cfg)
+        h = _plus_bias_f32(dense(h, m["w_in"], cfg.compute_dtype), m.get("b_in"))
         # tanh GELU: GPT-2's own ("gelu_new" in HF), and ~2x cheaper than erf's expansion on CPU.
-        h = dense(checkpoint_name(jax.nn.gelu(h, approximate=True), "mlp_hidden"), m["w_out"],
-                  cfg.compute_dtype)
+        hidden = jax.nn.gelu(h, approximate=True).astype(cfg.compute_dtype)
+        h = dense(checkpoint_name(hidden, "mlp_hidden"), m["w_out"], cfg.compute_dtype)
         if comms is not None:
             h = comms.leave(h)
         if "b_out" in m:

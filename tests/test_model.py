@@ -291,6 +291,24 @@ def test_remat_and_scan_layers_show_in_the_program(layer_variants):
         assert dots["remat"] > dots["loop"] and dots["scan+remat"] > dots["scan"], dots
 
 
+@pytest.mark.parametrize("mlp,op", [("gelu", "tanh"), ("swiglu", "exponential")])  # silu: x / (1 + exp(-x))
+def test_bf16_mlp_activation_runs_in_fp32(mlp, op):
+    """In mixed precision the MLP's activation (and its bias add) runs in fp32, forward and
+    backward, and only its result is bf16: XLA:CPU emulates bf16 elementwise math at several times
+    the fp32 cost (nanojax/model.py, _plus_bias_f32)."""
+    from conftest import np_params
+
+    from nanojax.train.step import loss_fn
+
+    cfg = nj.ModelConfig.preset("shakespeare-char-cpu", vocab_size=61, max_seq_len=16, n_layer=1,
+                                d_model=32, n_head=2, bias=True, mlp=mlp, dtype="bfloat16")
+    params = np_params(cfg, 0)
+    x = jnp.zeros((2, 16), jnp.int32)
+    text = jax.jit(jax.grad(lambda p: loss_fn(p, x, x, cfg))).lower(params).as_text()
+    types = re.findall(rf"stablehlo\.{op} %\S+ : tensor<([^>]*)>", text)
+    assert types and all(t.endswith("xf32") for t in types), types
+
+
 def test_dense_custom_vjp_matches_autodiff():
     from nanojax.dense import matmul
 
