@@ -5,14 +5,15 @@
     c = gemm(a, b, transpose_a=True)        # a^T @ b, a (K, M): the weight gradient x^T @ g
 
 a and b both float32 (MKL's sgemm) or both bfloat16 (MKL's bf16 gemm or oneDNN's bf16 matmul:
-bf16 products summed in fp32, on AMX or AVX512_BF16); c is float32 either way.
+bf16 products summed in fp32, on AMX or AVX512_BF16); c is float32, or bfloat16 with
+out_dtype=jnp.bfloat16 (rounded once from the fp32 sums).
 
 Why: at the quickstart's shapes (768 x 128 x 512) XLA:CPU's dot runs the dense layer's products at
 60-175 GFLOP/s on two Sapphire Rapids cores, MKL's sgemm at 190-280, and XLA's bf16 dot is no
 faster than its fp32 one while MKL's bf16 gemm runs 2-4x its sgemm (docs/performance.md, "Training
 GEMMs on MKL"). On an AMD Zen 5 the picture differs: XLA's fp32 dot beats MKL (which takes slow
 paths on AMD) and oneDNN's bf16 matmul runs at ~2x XLA's fp32 dot, while XLA's own bf16 dot is fast
-only untransposed ("bf16 on AMD: oneDNN"). So the library is chosen per CPU family and dtype
+only untransposed ("AMD EPYC, Zen 5"). So the library is chosen per CPU family and dtype
 (MEASURED, `library`). `nanojax.dense.matmul` sends its forward and both backward products here
 when `use_gemm_kernel` says so; the kernel splits the output over the caller and XLA's intra-op
 pool, one single-threaded library call per block, and reads transposed operands in place.
@@ -37,7 +38,7 @@ ENV_SWITCH = "NANOJAX_GEMM_KERNEL"
 LIBRARIES = ("mkl", "onednn")
 # CPU family -> dtype -> the library the kernel runs that dtype's products on there by default,
 # each measured faster than XLA's dot on that family (docs/performance.md, "Training GEMMs on MKL"
-# and "bf16 on AMD: oneDNN"); a dtype or family not listed stays on XLA's dot unless
+# and "AMD EPYC, Zen 5"); a dtype or family not listed stays on XLA's dot unless
 # NANOJAX_GEMM_KERNEL=1 or gemm_kernel(True) asks for the kernel.
 MEASURED = {
     "intel-avx512": {"float32": "mkl", "bfloat16": "mkl"},  # Sapphire Rapids: MKL, AMX for bf16
