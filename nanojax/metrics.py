@@ -47,15 +47,22 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> float:
 
 
 @functools.cache
-def measured_cpu_peak_flops(n: int = 1024, repeats: int = 10) -> float:
-    """This host's fp32 matmul throughput (FLOP/s) through XLA: the CPU's practical peak.
+def measured_cpu_peak_flops(n: int = 1024, repeats: int = 10, dtype: str = "float32") -> float:
+    """This host's (n, n) @ (n, n) matmul throughput (FLOP/s) in `dtype` (float32 or bfloat16)
+    through XLA: the CPU's practical peak. For bfloat16 the product is `dense.matmul`'s, which
+    runs on the bf16 gemm kernel where this CPU family has one (MKL, oneDNN: ~2-4x fp32) and on
+    XLA's dot elsewhere, so a bf16 run's MFU is against what bf16 reaches here, not fp32's rate.
 
-    The best of `repeats` runs, measured once per process. On a busy machine it reads low (and
-    MFU high): compare MFU figures taken on an otherwise idle host.
+    The best of `repeats` runs, measured once per process and dtype. On a busy machine it reads
+    low (and MFU high): compare MFU figures taken on an otherwise idle host.
     """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"measured_cpu_peak_flops: dtype must be float32 or bfloat16, got {dtype!r}")
+    from nanojax import dense
+
     cpu = jax.devices("cpu")[0]
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
-    mm = jax.jit(lambda x: x @ x)
+    a = jax.device_put(jnp.ones((n, n), dtype), cpu)
+    mm = jax.jit(lambda x: x @ x) if dtype == "float32" else jax.jit(lambda x: dense.matmul(x, x))
     mm(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -69,7 +76,7 @@ def device_peak_flops(dtype: str, device: Any = None) -> float | None:
     """Peak FLOP/s of one device for `dtype`, or None when the kind is unknown (never a guess)."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
-        return measured_cpu_peak_flops()
+        return measured_cpu_peak_flops(dtype="bfloat16" if dtype == "bfloat16" else "float32")
     kind = device.device_kind.upper()
     for name, table in PEAK_TFLOPS.items():
         if name in kind:

@@ -179,7 +179,9 @@ def test_a_damaged_step_is_refused_by_name_and_resume_falls_back_to_the_same_los
     [line] = s["skipped_checkpoints"]
     assert line.startswith(f"checkpoint step {STEPS} at {latest} is damaged: ") and "\n" not in line
     assert line.endswith(f"resuming from step {STEPS - 2}"), line
-    reports = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    # asyncio's "exception was never retrieved" is orbax's reader futures being collected after
+    # the failed read (when the garbage collector gets to them: seen once in CI), not a report.
+    reports = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name != "asyncio"]
     assert reports == [line], reports
     # The damaged step was moved aside as it was, and a good one saved in its place.
     [aside] = (work / "checkpoints").glob(f"{STEPS}.corrupt-*")

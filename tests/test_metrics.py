@@ -60,6 +60,23 @@ def test_mfu_uses_the_device_table(monkeypatch):
     assert device_peak_flops("bfloat16", FakeGPU()) is None and mfu(1e5, cfg, 1024, device=FakeGPU()) is None
 
 
+def test_cpu_mfu_is_against_the_peak_of_the_runs_dtype(monkeypatch):
+    """On a CPU a bf16 run's MFU divides by the measured bf16 matmul rate (the bf16 gemm kernel
+    runs at ~2-4x fp32 where it exists), an fp32 run's by the fp32 one."""
+    from nanojax import metrics
+
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        metrics.measured_cpu_peak_flops(dtype="float16")
+    asked, rates = [], {"float32": 1e11, "bfloat16": 4e11}
+    monkeypatch.setattr(metrics, "measured_cpu_peak_flops",
+                        lambda dtype="float32": asked.append(dtype) or rates[dtype])
+    cpu = metrics.jax.devices("cpu")[0]
+    for dtype, peak in (("float32", 1e11), ("bfloat16", 4e11)):
+        cfg = nj.ModelConfig.preset("gpt2-small", dtype=dtype)
+        assert mfu(1000, cfg, 256, device=cpu) == pytest.approx(flops_per_token(cfg, 256) * 1000 / peak)
+    assert asked == ["float32", "bfloat16"]
+
+
 def test_metrics_writer_drops_lines_past_the_resume_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "train_loss": 1.0}) + "\n" for s in range(1, 8)) + '{"st')
