@@ -260,17 +260,17 @@ def test_mixed_precision_weight_gradients_stay_fp32(bf16_lib, monkeypatch):
 
 
 def test_onednn_leaves_the_callers_openmp_thread_count(bf16_lib, monkeypatch):
-    """oneDNN runs each block with OpenMP at one thread on its thread, then puts the caller's count
-    back: a PyTorch on the same thread keeps its own parallelism."""
-    if bf16_lib != "onednn":
-        pytest.skip("MKL's sequential layer leaves OpenMP alone")
+    """Each library leaves the calling thread's OpenMP thread count as it found it, so a PyTorch on
+    that thread keeps its parallelism: oneDNN runs each block at one thread and puts the count
+    back; MKL's sequential layer never touches it."""
     gomp = ctypes.CDLL("libgomp.so.1")
     before = gomp.omp_get_max_threads()
     gomp.omp_set_num_threads(3)
     try:
         monkeypatch.setenv("NANOJAX_KERNEL_THREADS", "1")  # every block on the calling thread
         a = jnp.ones((80, 16), jnp.bfloat16)
-        np.testing.assert_array_equal(np.asarray(cpu_gemm.gemm(a, a, transpose_b=True, lib="onednn")), 16.0)
+        got = cpu_gemm.gemm(a, a, transpose_b=True, lib=bf16_lib)
+        np.testing.assert_array_equal(np.asarray(got), 16.0)
         assert gomp.omp_get_max_threads() == 3
     finally:
         gomp.omp_set_num_threads(before)
