@@ -47,6 +47,10 @@ TUNED_FLAGS: dict[str, tuple[str, ...]] = {
     # scheduler: no faster than the default.
     "intel-avx512": (),
     "amd-avx2": (),  # EPYC: "XLA flags changed nothing" (DESIGN.md's measurements)
+    # Zen 5 VM, jaxlib 0.10.2, the fp32 step compiled per option in one process: YNN off 0.98x
+    # (quickstart) and 0.84x (GPT-2 124M), fast math 1.01x / 0.99x, the concurrency scheduler
+    # 1.02x / 0.95x: none beat the default.
+    "amd-avx512": (),
 }
 # jaxlib major.minor versions whose XLA knows every flag above (checked with `strings` on
 # libjax_common.so and by running with them). Another version gets nothing rather than a crash.
