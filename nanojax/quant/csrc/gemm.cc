@@ -282,34 +282,24 @@ ffi::Error GemmBf16Dnnl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buf
   return GemmBlocks(pool, a, b, *c, transpose_a, transpose_b, kDnnlBf16, "oneDNN");
 }
 
+// The handlers' one signature: a (M, K), or (K, M) if transpose_a, and b (K, N), or (N, K) if
+// transpose_b, both of T; c (M, N) as the handler stores it (fp32; NjGemmBf16Dnnl: fp32 or bf16).
+template <ffi::DataType T>
+auto GemmBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<T>>()
+      .template Arg<ffi::Buffer<T>>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<bool>("transpose_a")
+      .template Attr<bool>("transpose_b");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemm, GemmF32Mkl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // a (M, K), or (K, M) if transpose_a
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b (K, N), or (N, K) if transpose_b
-                                  .Ret<ffi::AnyBuffer>()         // c (M, N), fp32
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16, GemmBf16Mkl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // a, as NjGemm's
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // b
-                                  .Ret<ffi::AnyBuffer>()          // c (M, N), fp32
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16Dnnl, GemmBf16Dnnl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // a, as NjGemm's
-                                  .Arg<ffi::Buffer<ffi::BF16>>()  // b
-                                  .Ret<ffi::AnyBuffer>()          // c (M, N), fp32 or bf16
-                                  .Attr<bool>("transpose_a")
-                                  .Attr<bool>("transpose_b"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemm, GemmF32Mkl, GemmBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16, GemmBf16Mkl, GemmBinding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16Dnnl, GemmBf16Dnnl, GemmBinding<ffi::BF16>());
 
 // Which libraries the gemm kernel calls, for kernels_info(): bit 0 = MKL (linked statically, the
 // fp32 and bf16 handlers), bit 1 = oneDNN (NjGemmBf16Dnnl); 0 = neither.
