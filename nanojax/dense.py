@@ -52,10 +52,13 @@ def dense(x: jax.Array, w: jax.Array | Weight, dtype: jnp.dtype) -> jax.Array:
     """
     if isinstance(w, Weight):
         return w.matmul(x, dtype)
-    w = w.reshape(x.shape[-1], -1)
-    if x.dtype == dtype and use_gemm_kernel(x, w):  # an fp32 master of bf16 x: cast inside (below)
-        return matmul(x, w)
-    return matmul(x, w.astype(dtype))
+    return matmul(x, _compute_weight(x, w.reshape(x.shape[-1], -1), dtype))
+
+
+def _compute_weight(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """w as the product takes it: cast to the compute dtype, except an fp32 master of bf16 x that
+    the gemm kernel takes as it is (matmul's VJP casts it, and its gradient stays fp32)."""
+    return w if x.dtype == dtype and use_gemm_kernel(x, w) else w.astype(dtype)
 
 
 def dense_transposed(x: jax.Array, table: jax.Array | Table, dtype: jnp.dtype) -> jax.Array:
@@ -66,10 +69,8 @@ def dense_transposed(x: jax.Array, table: jax.Array | Table, dtype: jnp.dtype) -
     (I, O) table (at GPT-2 124M two 154 MB transposes a step); otherwise it is dense(x, table.T)."""
     if isinstance(table, Table):
         return dense(x, table.T, dtype)
-    if x.dtype == dtype and use_gemm_kernel(x, table):  # (its checks hold for table.T too)
-        return matmul_transposed(x, table)
-    table_c = table.astype(dtype)
-    if not use_gemm_kernel(x, table_c):
+    table_c = _compute_weight(x, table, dtype)
+    if not use_gemm_kernel(x, table_c):  # (its checks hold for table_c.T too)
         return dense(x, table.T, dtype)
     return matmul_transposed(x, table_c)
 
