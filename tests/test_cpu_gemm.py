@@ -16,7 +16,7 @@ import nanojax as nj
 from nanojax import dense
 from nanojax.kernels import cpu_gemm
 from nanojax.model import ACTIVATION_CONSTRAINT
-from nanojax.quant import ffi
+from nanojax.quant import blas, ffi
 
 TARGET = ffi.GEMM_TARGET
 
@@ -25,7 +25,7 @@ TARGET = ffi.GEMM_TARGET
 def gemm(kernels):
     """The kernel library built with MKL: where the mkl-static package is installed (the test extra
     installs it) it must be; elsewhere these tests skip."""
-    if ffi.mkl_static_dir() is None:
+    if blas.mkl_static_dir() is None:
         pytest.skip("mkl-static is not installed (pip install 'nanojax[mkl]'): no gemm kernel to test")
     assert "mkl" in cpu_gemm.built(), ffi.kernels_info()
     return cpu_gemm
@@ -37,7 +37,7 @@ def bf16_lib(request, gemm):
     both) it must be built in; skips on a CPU without AVX512_BF16."""
     if "avx512_bf16" not in (cpu_gemm._cpu().flags or ()):
         pytest.skip("no AVX512_BF16 on this CPU: bf16 products stay on XLA")
-    if request.param == "onednn" and ffi.onednn_dirs() is None:
+    if request.param == "onednn" and blas.onednn_dirs() is None:
         pytest.skip("onednn-cpu-gomp is not installed (pip install 'nanojax[onednn]')")
     assert request.param in cpu_gemm.built(), ffi.kernels_info()
     return request.param

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nanojax.quant import arrays as _layout
+from nanojax.quant import blas
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "fattn.cc", "adamw.cc", "gemm.cc", "parallel.h",
@@ -58,9 +59,6 @@ _ADAMW_TARGET = "nanojax_adamw"  # csrc/adamw.cc: the whole clipped AdamW update
 GEMM_TARGET = "nanojax_gemm"  # csrc/gemm.cc: fp32 op(a) @ op(b) on MKL's sgemm (nanojax.kernels.cpu_gemm)
 GEMM_BF16_TARGET = "nanojax_gemm_bf16"  # the same for bf16 a, b (fp32 sums and result)
 GEMM_BF16_DNNL_TARGET = "nanojax_onednn_gemm_bf16"  # the bf16 product on oneDNN's matmul
-# The static MKL archives gemm.cc links (sequential layer, 32-bit ints), in link order.
-_MKL_ARCHIVES = ("libmkl_intel_lp64.a", "libmkl_sequential.a", "libmkl_core.a")
-_DNNL_SONAME = "libdnnl.so.3"  # oneDNN 3.x, GNU OpenMP build (the onednn-cpu-gomp package)
 # csrc/fattn.cc: causal training attention, forward and backward (nanojax.kernels.cpu_attention)
 _TRAIN_ATTN_TARGETS = {"nanojax_causal_attention_fwd": "NjCausalAttentionFwd",
                        "nanojax_causal_attention_bwd": "NjCausalAttentionBwd"}
@@ -112,70 +110,6 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def mkl_static_dir() -> Path | None:
-    """The folder holding MKL's static archives: $NANOJAX_MKL_LIB, else the `mkl-static` package's
-    (pip install 'nanojax[mkl]'), else None (the library builds without the gemm kernel's BLAS).
-    NANOJAX_MKL_LIB=0 builds without it."""
-    env = os.environ.get("NANOJAX_MKL_LIB")
-    if env == "0":
-        return None
-    if env:
-        return Path(env)
-    core = _package_file("mkl-static", _MKL_ARCHIVES[-1])
-    if core is None:
-        return None
-    return core.parent if all((core.parent / a).exists() for a in _MKL_ARCHIVES) else None
-
-
-def _package_file(dist: str, name: str) -> Path | None:
-    """The installed file of the distribution `dist` whose path ends with `name` (the first one
-    listed), or None."""
-    import importlib.metadata
-
-    try:
-        files = importlib.metadata.distribution(dist).files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if str(f).endswith(name):
-            found = Path(f.locate()).resolve()
-            return found if found.exists() else None
-    return None
-
-
-def onednn_dirs() -> tuple[Path, Path] | None:
-    """(include folder, lib folder) of oneDNN for gemm.cc's bf16 handler on AMD CPUs: the
-    `onednn-devel-cpu-gomp` and `onednn-cpu-gomp` packages (pip install 'nanojax[onednn]'), else
-    None (the library builds without it). NANOJAX_ONEDNN=0 builds without it."""
-    if os.environ.get("NANOJAX_ONEDNN") == "0":
-        return None
-    header = _package_file("onednn-devel-cpu-gomp", "include/oneapi/dnnl/dnnl.h")
-    lib = _package_file("onednn-cpu-gomp", _DNNL_SONAME)
-    if header is None or lib is None:
-        return None
-    return header.parent.parent.parent, lib.parent  # .../include/oneapi/dnnl/dnnl.h -> include
-
-
-def _link_args() -> list[str]:
-    """Compiler and linker arguments for MKL and oneDNN, each where found ([] without either).
-    --exclude-libs keeps MKL's symbols inside the library: loaded into a process that also holds
-    PyTorch's MKL, neither binds to the other's. oneDNN is a shared library found by rpath; it
-    exports only its dnnl_* API, which PyTorch's build does not export."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    args = []
-    mkl = mkl_static_dir()
-    if mkl is not None:
-        args += ["-DNJ_WITH_MKL", "-Wl,--start-group", *(str(mkl / a) for a in _MKL_ARCHIVES),
-                 "-Wl,--end-group", "-Wl,--exclude-libs,ALL"]
-    dnnl = onednn_dirs()
-    if dnnl is not None:
-        inc, lib = dnnl
-        args += ["-DNJ_WITH_DNNL", "-isystem", str(inc), str(lib / _DNNL_SONAME), f"-Wl,-rpath,{lib}",
-                 "-lgomp"]
-    return [*args, "-lpthread", "-lm", "-ldl"] if args else []
-
-
 def _cache_dir() -> Path:
     root = os.environ.get("NANOJAX_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanojax", "kernels")
@@ -193,9 +127,9 @@ def library_path(cxx: str = "g++") -> Path:
         ver = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         ver = ""
-    link = _link_args()  # with MKL / oneDNN: the libraries' paths, and their sizes and times below
+    link = blas.link_args()  # with MKL / oneDNN: the libraries' paths, and their sizes and times below
     mkl = [f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in map(Path, link)
-           if p.suffix == ".a" or p.name == _DNNL_SONAME]
+           if p.suffix == ".a" or p.name == blas.DNNL_SONAME]
     h.update(f"{jaxlib.__version__}|{CXXFLAGS}|{ver.splitlines()[:1]}|{_cpu_flags()}|{platform.machine()}|"
              f"{link}|{mkl}".encode())
     return _cache_dir() / h.hexdigest()[:16] / "libnjquant.so"
@@ -218,7 +152,7 @@ def build(cxx: str | None = None, verbose: bool = False) -> Path:
     # -march is left at the x86-64 baseline: the AVX2 / AVX-512 loops carry their own target
     # attributes and are chosen at run time, so the library runs on any x86-64 CPU.
     units = [str(CSRC / name) for name in SOURCES if name.endswith(".cc")]
-    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), *units, *_link_args(), "-o", tmp]
+    cmd = [cxx, *CXXFLAGS, "-isystem", jax.ffi.include_dir(), *units, *blas.link_args(), "-o", tmp]
     if verbose:
         print(" ".join(cmd))
     try:
