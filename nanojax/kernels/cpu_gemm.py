@@ -89,6 +89,11 @@ def _runs(lib: str, dtype: str) -> bool:
     return dtype == "float32" and lib == "mkl"
 
 
+def _usable(dtype: str) -> list[str]:
+    """The built libraries with a handler for `dtype` products on this CPU, in LIBRARIES' order."""
+    return [lib for lib in built() if _runs(lib, dtype)]
+
+
 def library(dtype) -> str | None:
     """The library `dtype` (float32 or bfloat16) products run on, read at trace time: MEASURED's
     choice for this CPU's family where it is built in; when forced on (`gemm_kernel(True)`,
@@ -98,7 +103,7 @@ def library(dtype) -> str | None:
     name = jnp.dtype(dtype).name
     if force is False:
         return None
-    have = [lib for lib in built() if _runs(lib, name)]
+    have = _usable(name)
     chosen = MEASURED.get(_family(), {}).get(name)
     if chosen in have:
         return chosen
@@ -144,9 +149,10 @@ def gemm(a: jax.Array, b: jax.Array, transpose_a: bool = False, transpose_b: boo
     calls it for each product). Under vmap the call runs once per mapped element."""
     M, _, N = _check(a, b, transpose_a, transpose_b)
     name = jnp.dtype(a.dtype).name
+    usable = _usable(name)
     if lib is None:
-        lib = library(a.dtype) or next((x for x in reversed(built()) if _runs(x, name)), None)
-    if lib is None or lib not in built() or not _runs(lib, name):
+        lib = library(a.dtype) or (usable[-1] if usable else None)  # as library() when forced on
+    if lib not in usable:
         needs = "AVX512_BF16 and MKL or oneDNN" if name == "bfloat16" else "MKL"
         have = list(built()) or "neither MKL nor oneDNN"
         why = ffi._state.get("why") or f"built with {have}; {name} needs {needs}"
