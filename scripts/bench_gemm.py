@@ -62,7 +62,7 @@ def time_calls(fn, calls: int) -> float:
 
 def main(argv):
     del argv
-    libs = [lib for lib in cpu_gemm.built() if cpu_gemm._runs(lib, FLAGS.dtype)]
+    libs = cpu_gemm._usable(FLAGS.dtype)
     if not libs:
         raise app.UsageError(f"no gemm kernel for {FLAGS.dtype} here (built: {list(cpu_gemm.built())}; bf16 "
                              "needs AVX512_BF16): pip install 'nanojax[mkl,onednn]' (x86-64 Linux), then "
