@@ -37,6 +37,12 @@
 //
 // ISA: AVX-512 and AVX2 loops (GCC target attributes) picked at each call with __builtin_cpu_supports
 // (capped by NANOJAX_KERNEL_ISA=avx512|avx2|scalar, as the quant kernels), a scalar loop otherwise.
+//
+// Masks: only a ragged end of columns loads and stores through a mask; whole vectors use plain
+// loads and stores. On Zen 5 (AMD EPYC, family 26) a masked load streams from DRAM ~25% slower
+// than a plain one even with every lane on (a C loop over llama-134m's products, both threads:
+// 0.75-0.78x), which held the whole batch-1 decode below llama.cpp F32 there; on the Xeon the two
+// ran alike (docs/performance.md, "Decode on Zen 5: masked loads").
 
 #include <immintrin.h>
 
@@ -76,14 +82,14 @@ struct Fp32Problem {
 // One row of w into MB x NV accumulators: a[m][v] += x[m * ldx] * wr[16 v ...]. The loops over
 // m and v must unroll completely (hence the pragmas here and in block_avx512): otherwise GCC 12
 // kept `a` in memory and stored every accumulator on every row.
-template <int MB, int NV>
+template <int MB, int NV, bool FULL>
 __attribute__((target("avx512f,fma"), always_inline)) inline void row_avx512(__m512 (&a)[MB][NV],
                                                                              const __mmask16 (&mk)[NV],
                                                                              const float* x, int64_t ldx,
                                                                              const float* wr) {
   __m512 b[NV];
   #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) b[v] = _mm512_maskz_loadu_ps(mk[v], wr + 16 * v);
+  for (int v = 0; v < NV; ++v) b[v] = FULL ? _mm512_loadu_ps(wr + 16 * v) : _mm512_maskz_loadu_ps(mk[v], wr + 16 * v);
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m) {
     const __m512 xs = _mm512_set1_ps(x[m * ldx]);
@@ -95,7 +101,7 @@ __attribute__((target("avx512f,fma"), always_inline)) inline void row_avx512(__m
 // One tile pass of one register block: MB rows of x (x[m * ldx + r], r < nrows), NV vectors of
 // columns of w (w[r * ldw + c], c < ncols <= 16 NV) into acc[m * ldacc + c]; acc starts at 0 when
 // `zero`, else is loaded. The rows r < npf also prefetch w[(r + kRows) * ldw + c] into L2.
-template <int MB, int NV>
+template <int MB, int NV, bool FULL>
 __attribute__((target("avx512f,fma"))) void block_avx512(const float* x, int64_t ldx, const float* w,
                                                          int64_t ldw, int64_t nrows, float* acc, int64_t ldacc,
                                                          int64_t ncols, bool zero, int64_t npf) {
@@ -110,21 +116,25 @@ __attribute__((target("avx512f,fma"))) void block_avx512(const float* x, int64_t
   for (int m = 0; m < MB; ++m)
     #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
-      a[m][v] = zero ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk[v], acc + m * ldacc + 16 * v);
+      a[m][v] = zero ? _mm512_setzero_ps()
+                : FULL ? _mm512_loadu_ps(acc + m * ldacc + 16 * v) : _mm512_maskz_loadu_ps(mk[v], acc + m * ldacc + 16 * v);
   for (int64_t r = 0; r < nrows; ++r) {
     if (r < npf)
       for (int v = 0; v < NV; ++v)
         _mm_prefetch(reinterpret_cast<const char*>(w + (r + kRows) * ldw + 16 * v), _MM_HINT_T1);
-    row_avx512<MB, NV>(a, mk, x + r, ldx, w + r * ldw);
+    row_avx512<MB, NV, FULL>(a, mk, x + r, ldx, w + r * ldw);
   }
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
     #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) _mm512_mask_storeu_ps(acc + m * ldacc + 16 * v, mk[v], a[m][v]);
+    for (int v = 0; v < NV; ++v) {
+      if (FULL) _mm512_storeu_ps(acc + m * ldacc + 16 * v, a[m][v]);
+      else _mm512_mask_storeu_ps(acc + m * ldacc + 16 * v, mk[v], a[m][v]);
+    }
 }
 
 // AVX2: the same with 8-lane vectors and masked loads and stores for a ragged end.
-template <int MB, int NV>
+template <int MB, int NV, bool FULL>
 __attribute__((target("avx2,fma"))) void block_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw,
                                                    int64_t nrows, float* acc, int64_t ldacc, int64_t ncols,
                                                    bool zero, int64_t npf) {
@@ -139,7 +149,8 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* x, int64_t ldx,
   for (int m = 0; m < MB; ++m)
     #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v)
-      a[m][v] = zero ? _mm256_setzero_ps() : _mm256_maskload_ps(acc + m * ldacc + 8 * v, mk[v]);
+      a[m][v] = zero ? _mm256_setzero_ps()
+                : FULL ? _mm256_loadu_ps(acc + m * ldacc + 8 * v) : _mm256_maskload_ps(acc + m * ldacc + 8 * v, mk[v]);
   for (int64_t r = 0; r < nrows; ++r) {
     const float* wr = w + r * ldw;
     if (r < npf)
@@ -148,7 +159,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* x, int64_t ldx,
         _mm_prefetch(reinterpret_cast<const char*>(wr + kRows * ldw + 8 * v), _MM_HINT_T1);
     __m256 b[NV];
     #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) b[v] = _mm256_maskload_ps(wr + 8 * v, mk[v]);
+    for (int v = 0; v < NV; ++v) b[v] = FULL ? _mm256_loadu_ps(wr + 8 * v) : _mm256_maskload_ps(wr + 8 * v, mk[v]);
     #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) {
       const __m256 xs = _mm256_set1_ps(x[m * ldx + r]);
@@ -159,7 +170,10 @@ __attribute__((target("avx2,fma"))) void block_avx2(const float* x, int64_t ldx,
   #pragma GCC unroll 16
   for (int m = 0; m < MB; ++m)
     #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) _mm256_maskstore_ps(acc + m * ldacc + 8 * v, mk[v], a[m][v]);
+    for (int v = 0; v < NV; ++v) {
+      if (FULL) _mm256_storeu_ps(acc + m * ldacc + 8 * v, a[m][v]);
+      else _mm256_maskstore_ps(acc + m * ldacc + 8 * v, mk[v], a[m][v]);
+    }
 }
 
 void block_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t nrows, float* acc,
@@ -194,28 +208,33 @@ int block_rows(Tier tier, int64_t rows_left) {
 // Register budget: MB * NV accumulators + NV loads + 1 broadcast (AVX-512: 32 zmm, AVX2: 16 ymm).
 void run_block(Tier tier, int mb, const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t nrows,
                float* acc, int64_t ldacc, int64_t nc, bool zero, int64_t npf) {
+  // FULL: the step's columns are all there, so its loads and stores go unmasked (Masks, above).
+#define NJ_BLOCK(KIND, MB, NV)                                                                    \
+  (nc - c >= step ? KIND<MB, NV, true>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf)     \
+                  : KIND<MB, NV, false>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf))
   if (tier == kAvx512) {  // (8, 3), (4, 4), (2, 6), (1, 12): 24, 16, 12, 12 accumulators
     const int64_t step = mb == 8 ? 48 : mb == 4 ? 64 : mb == 2 ? 96 : 192;
     for (int64_t c = 0; c < nc; c += step) {
       const float* wc = w + c;
       float* ac = acc + c;
-      if (mb == 8) block_avx512<8, 3>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf);
-      else if (mb == 4) block_avx512<4, 4>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf);
-      else if (mb == 2) block_avx512<2, 6>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf);
-      else block_avx512<1, 12>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf);
+      if (mb == 8) NJ_BLOCK(block_avx512, 8, 3);
+      else if (mb == 4) NJ_BLOCK(block_avx512, 4, 4);
+      else if (mb == 2) NJ_BLOCK(block_avx512, 2, 6);
+      else NJ_BLOCK(block_avx512, 1, 12);
     }
   } else if (tier == kAvx2) {  // (4, 2), (2, 4), (1, 8): 8 accumulators each
     const int64_t step = mb == 4 ? 16 : mb == 2 ? 32 : 64;
     for (int64_t c = 0; c < nc; c += step) {
       const float* wc = w + c;
       float* ac = acc + c;
-      if (mb == 4) block_avx2<4, 2>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf);
-      else if (mb == 2) block_avx2<2, 4>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf);
-      else block_avx2<1, 8>(x, ldx, wc, ldw, nrows, ac, ldacc, nc - c, zero, npf);
+      if (mb == 4) NJ_BLOCK(block_avx2, 4, 2);
+      else if (mb == 2) NJ_BLOCK(block_avx2, 2, 4);
+      else NJ_BLOCK(block_avx2, 1, 8);
     }
   } else {
     block_scalar(x, ldx, w, ldw, nrows, acc, ldacc, nc, zero, mb);
   }
+#undef NJ_BLOCK
 }
 
 // acc[m * ldacc + c] = the fma chain over input rows [i0, i1) of w's columns [c0, c0 + ncols), for
@@ -257,29 +276,41 @@ __attribute__((target("avx512f,fma"))) void stream_rows_avx512(
   __m512 xs[R];
   #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) xs[r] = _mm512_set1_ps(x[r]);
-  for (int64_t c = 0; c < ncols; c += 16) {
-    const __mmask16 mk = ncols - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (ncols - c)) - 1);
-    __m512 a = zero ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk, acc + c);
+  int64_t c = 0;
+  for (; c + 16 <= ncols; c += 16) {  // whole vectors: plain loads and stores (Masks, above)
+    __m512 a = zero ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + c);
     #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) a = _mm512_fmadd_ps(xs[r], _mm512_maskz_loadu_ps(mk, w + r * ldw + c), a);
-    _mm512_mask_storeu_ps(acc + c, mk, a);
+    for (int r = 0; r < R; ++r) a = _mm512_fmadd_ps(xs[r], _mm512_loadu_ps(w + r * ldw + c), a);
+    _mm512_storeu_ps(acc + c, a);
   }
+  if (c == ncols) return;
+  const __mmask16 mk = static_cast<__mmask16>((1u << (ncols - c)) - 1);
+  __m512 a = zero ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(mk, acc + c);
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) a = _mm512_fmadd_ps(xs[r], _mm512_maskz_loadu_ps(mk, w + r * ldw + c), a);
+  _mm512_mask_storeu_ps(acc + c, mk, a);
 }
 
 template <int R>
 __attribute__((target("avx2,fma"))) void stream_rows_avx2(
     const float* x, const float* w, int64_t ldw, float* acc, int64_t ncols, bool zero) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   __m256 xs[R];
   #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) xs[r] = _mm256_set1_ps(x[r]);
-  for (int64_t c = 0; c < ncols; c += 8) {
-    const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(ncols - c, 8))), lane);
-    __m256 a = zero ? _mm256_setzero_ps() : _mm256_maskload_ps(acc + c, mk);
+  int64_t c = 0;
+  for (; c + 8 <= ncols; c += 8) {
+    __m256 a = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + c);
     #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) a = _mm256_fmadd_ps(xs[r], _mm256_maskload_ps(w + r * ldw + c, mk), a);
-    _mm256_maskstore_ps(acc + c, mk, a);
+    for (int r = 0; r < R; ++r) a = _mm256_fmadd_ps(xs[r], _mm256_loadu_ps(w + r * ldw + c), a);
+    _mm256_storeu_ps(acc + c, a);
   }
+  if (c == ncols) return;
+  const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(ncols - c)),
+                                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 a = zero ? _mm256_setzero_ps() : _mm256_maskload_ps(acc + c, mk);
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) a = _mm256_fmadd_ps(xs[r], _mm256_maskload_ps(w + r * ldw + c, mk), a);
+  _mm256_maskstore_ps(acc + c, mk, a);
 }
 
 // acc[c] = the fma chain of x[i] * w[i, c0 + c] over rows i in [i0, i1), from 0 (M = 1, not scalar).
