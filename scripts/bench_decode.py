@@ -63,6 +63,8 @@ flags.DEFINE_integer("group_size", 32, "int4 group size.")
 flags.DEFINE_boolean("llama_cpp", False, "Also run llama.cpp (llama-cpp-python, the `bench` extra) on the "
                      "same weights written as GGUF F32 / Q8_0 / Q4_0, batch 1.")
 flags.DEFINE_integer("llama_threads", 2, "llama.cpp threads.")
+flags.DEFINE_boolean("pack", True, "nanojax's weights in one 2 MiB-page arena (nj.pack_weights), as "
+                     "scripts/sample.py and serve.py load them; --nopack: XLA's own buffers.")
 flags.DEFINE_list("llama_types", ["F32", "Q8_0", "Q4_0"], "GGUF types llama.cpp runs (with --llama_cpp).")
 flags.DEFINE_boolean("fp32_ab", False, "Add a 'nanojax fp32 (XLA dots)' row: the fp32 params with the "
                      "small-M fp32 CPU kernel switched off (nanojax.dense.fp32_kernel(False)), interleaved "
@@ -189,12 +191,13 @@ def run_case(name: str, batch: int, rng: np.random.Generator) -> dict:
     cfg = bench_config(name, FLAGS.dtype, total)
     params = nj.init_params(cfg, jax.random.key(0))
     jax.block_until_ready(params)
+    nj_params = nj.pack_weights(params) if FLAGS.pack else params
     prompts = rng.integers(0, cfg.vocab_size, (batch, FLAGS.prompt_len)).tolist()
     n = FLAGS.new_tokens
 
     def nj_run():
         t0 = time.perf_counter()
-        out = nj.generate(params, cfg, prompts, max_new_tokens=n)
+        out = nj.generate(nj_params, cfg, prompts, max_new_tokens=n)
         return time.perf_counter() - t0, out
 
     t0 = time.perf_counter()
@@ -249,20 +252,22 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
     params = nj.init_params(cfg, jax.random.key(0))
     prompts = rng.integers(0, cfg.vocab_size, (batch, FLAGS.prompt_len)).tolist()
     n = FLAGS.new_tokens
+    pack = nj.pack_weights if FLAGS.pack else (lambda tree: tree)
     variants = {}  # label -> (run() -> tokens, bytes read per step)
+    packed = pack(params) if "fp32" in FLAGS.quant else None
     for fmt in FLAGS.quant:
         if fmt == "fp32":
-            variants["nanojax fp32"] = (lambda p=params: nj.generate(p, cfg, prompts, max_new_tokens=n),
+            variants["nanojax fp32"] = (lambda p=packed: nj.generate(p, cfg, prompts, max_new_tokens=n),
                                         weight_bytes(params, cfg))
             if FLAGS.fp32_ab:
-                def xla_run(p=params):
+                def xla_run(p=packed):
                     with fp32_kernel(False):  # re-traces: XLA's dots instead of the kernel
                         return nj.generate(p, cfg, prompts, max_new_tokens=n)
                 variants["nanojax fp32 (XLA dots)"] = (xla_run, weight_bytes(params, cfg))
             continue
         for act in FLAGS.kernel_activations:
-            qp = nj.quantize(params, cfg, fmt, FLAGS.group_size if fmt == "int4" else None,
-                             kernel_activations=act)
+            qp = pack(nj.quantize(params, cfg, fmt, FLAGS.group_size if fmt == "int4" else None,
+                                  kernel_activations=act))
             label = f"nanojax {fmt}" + (f" g{FLAGS.group_size}" if fmt == "int4" else "") + f" (x {act})"
             variants[label] = (lambda p=qp: nj.generate(p, cfg, prompts, max_new_tokens=n),
                                weight_bytes(qp, cfg))
@@ -341,6 +346,8 @@ def main(argv):
     used = f"XLA {usable_cpus()}" if on_cpu else f"XLA on {dev.device_kind}"
     used += "" if FLAGS.no_hf else f", torch {FLAGS.torch_threads}"
     print(f"CPU: {cpu_description(used)}")
+    if on_cpu:
+        print(f"nanojax weights {'packed (nj.pack_weights)' if FLAGS.pack else 'in XLA buffers'}")
     print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other work "
           "on the machine slows both sides, torch's OpenMP most)")
     print(f"measured copy bandwidth {bw / 1e9:.1f} GB/s (read + write of a large array copy)"
@@ -381,7 +388,8 @@ def main_quant():
           f"{FLAGS.prompt_len} + {FLAGS.new_tokens} new tokens, greedy, median of {FLAGS.repeats} "
           "interleaved runs")
     print(f"CPU: {cpu_description(f'XLA {usable_cpus()}, llama.cpp {FLAGS.llama_threads} threads')}")
-    print(f"nanojax kernels: {info}")
+    where = "packed (nj.pack_weights)" if FLAGS.pack else "in XLA buffers"
+    print(f"nanojax kernels: {info}; weights {where}")
     print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print()
     print_quant_table(rows)

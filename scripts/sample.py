@@ -76,6 +76,7 @@ def main(argv):
     cfg, params, tok, stop_ids, prefix, adapter = _load()
     if FLAGS.quant:
         params = nj.quantize(params, cfg, FLAGS.quant, kernel_activations=FLAGS.kernel_activations)
+    params = nj.pack_weights(params)  # on the CPU: 2 MiB pages for the decode's weight stream
     ids = prefix + tok.encode(FLAGS.prompt)
     if not ids:
         raise app.UsageError("the prompt encodes to no tokens; pass a non-empty --prompt")

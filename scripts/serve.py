@@ -70,6 +70,7 @@ def main(argv):
     _check_port(FLAGS.host, FLAGS.port)  # before the model loads, not after
     m = load_model(workdir=FLAGS.workdir, hf_dir=FLAGS.hf_dir)
     params = nj.quantize(m.params, m.cfg, FLAGS.quant) if FLAGS.quant else m.params
+    params = nj.pack_weights(params)  # on the CPU: 2 MiB pages for the decode's weight stream
     template = m.chat_template
     if FLAGS.chat_template:
         template = ChatTemplate(Path(FLAGS.chat_template).read_text(encoding="utf-8"),
