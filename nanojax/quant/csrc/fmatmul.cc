@@ -41,8 +41,8 @@
 // Masks: only a ragged end of columns loads and stores through a mask; whole vectors use plain
 // loads and stores. On Zen 5 (AMD EPYC, family 26) a masked load streams from DRAM ~25% slower
 // than a plain one even with every lane on (a C loop over llama-134m's products, both threads:
-// 0.75-0.78x), which held the whole batch-1 decode below llama.cpp F32 there; on the Xeon the two
-// ran alike (docs/performance.md, "Decode on Zen 5: masked loads").
+// 0.75-0.78x), which held the whole batch-1 decode below llama.cpp F32 there (docs/performance.md,
+// "Decode on Zen 5: masked loads and 2 MiB pages"; the Xeon was not measured).
 
 #include <immintrin.h>
 
