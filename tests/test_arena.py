@@ -38,12 +38,14 @@ def test_every_leaf_keeps_its_value_and_lives_in_one_advised_arena(tiny):
     if not Path("/sys/kernel/mm/transparent_hugepage").exists():
         pytest.skip("this kernel has no transparent huge pages")
     params, q = tiny
-    tree = {"float": params, "int8": q, "none": None, "host": np.arange(3)}
+    tree = {"float": params, "int8": q, "none": None, "host": np.arange(3), "key": jax.random.key(1),
+            "bf16": params["wte"].astype(jnp.bfloat16)}
     packed = pack_weights(tree)
     assert jax.tree_util.tree_structure(packed) == jax.tree_util.tree_structure(tree)
     assert packed["host"] is tree["host"]  # not a jax array: left as it was
-    before, after = jax.tree_util.tree_leaves(tree["float"]) + jax.tree_util.tree_leaves(q), \
-        jax.tree_util.tree_leaves(packed["float"]) + jax.tree_util.tree_leaves(packed["int8"])
+    assert packed["key"] is tree["key"]  # a PRNG key: left as it was
+    before = jax.tree_util.tree_leaves([tree["float"], q, tree["bf16"]])
+    after = jax.tree_util.tree_leaves([packed["float"], packed["int8"], packed["bf16"]])
     ptrs = []
     for a, b in zip(before, after, strict=True):
         assert b.dtype == a.dtype and b.shape == a.shape

@@ -34,6 +34,8 @@ def _packable(leaf: Any) -> bool:
     """A jax array held whole by one CPU device (what an unsharded CPU params tree holds)."""
     if not isinstance(leaf, jax.Array) or leaf.nbytes == 0:
         return False
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.extended):  # PRNG keys: no host bytes to copy
+        return False
     devices = leaf.devices()
     return len(devices) == 1 and next(iter(devices)).platform == "cpu" and leaf.is_fully_addressable
 
