@@ -14,8 +14,9 @@ numpy array is zero-copy on the CPU; the arrays keep the mapping alive). Values,
 and the tree are unchanged, so every caller takes the result as it took the input.
 
 It is a no-op (the tree comes back as is) off the CPU, for arrays split over several devices, and
-where the OS has no transparent huge pages; a leaf that jax copies instead of aliasing still holds
-the right values, just on ordinary pages.
+where Python's mmap has no MADV_HUGEPAGE (not Linux). Where the kernel refuses the advice (no
+transparent huge pages) the arena is on ordinary pages, and a leaf that jax copied instead of
+aliasing would be too: the values are the same either way.
 """
 
 from __future__ import annotations
