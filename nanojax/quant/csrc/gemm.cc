@@ -264,18 +264,13 @@ ffi::Error GemmBlocks(ffi::ThreadPool& pool, ffi::Buffer<T>& a, ffi::Buffer<T>& 
   return ffi::Error::Success();
 }
 
-// MKL's gemms store fp32 only.
-ffi::Error GemmF32Mkl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                      ffi::Result<ffi::AnyBuffer> c, bool transpose_a, bool transpose_b) {
+// MKL's gemms (sgemm for F32 operands, the bf16 gemm for BF16) store fp32 only.
+template <ffi::DataType T>
+ffi::Error GemmMkl(ffi::ThreadPool pool, ffi::Buffer<T> a, ffi::Buffer<T> b, ffi::Result<ffi::AnyBuffer> c,
+                   bool transpose_a, bool transpose_b) {
   if (c->element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("nanojax gemm: MKL's result c must be float32");
-  return GemmBlocks(pool, a, b, *c, transpose_a, transpose_b, kMklSgemm, "MKL");
-}
-ffi::Error GemmBf16Mkl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
-                       ffi::Result<ffi::AnyBuffer> c, bool transpose_a, bool transpose_b) {
-  if (c->element_type() != ffi::DataType::F32)
-    return ffi::Error::InvalidArgument("nanojax gemm: MKL's result c must be float32");
-  return GemmBlocks(pool, a, b, *c, transpose_a, transpose_b, kMklBf16, "MKL");
+  return GemmBlocks(pool, a, b, *c, transpose_a, transpose_b, T == ffi::F32 ? kMklSgemm : kMklBf16, "MKL");
 }
 ffi::Error GemmBf16Dnnl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
                         ffi::Result<ffi::AnyBuffer> c, bool transpose_a, bool transpose_b) {
@@ -297,8 +292,8 @@ auto GemmBinding() {
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemm, GemmF32Mkl, GemmBinding<ffi::F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16, GemmBf16Mkl, GemmBinding<ffi::BF16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemm, GemmMkl<ffi::F32>, GemmBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16, GemmMkl<ffi::BF16>, GemmBinding<ffi::BF16>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NjGemmBf16Dnnl, GemmBf16Dnnl, GemmBinding<ffi::BF16>());
 
 // Which libraries the gemm kernel calls, for kernels_info(): bit 0 = MKL (linked statically, the
