@@ -20,6 +20,7 @@ shape has 64) get a longer position table for the run; nothing else changes.
 """
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -69,6 +70,8 @@ flags.DEFINE_list("llama_types", ["F32", "Q8_0", "Q4_0"], "GGUF types llama.cpp 
 flags.DEFINE_boolean("fp32_ab", False, "Add a 'nanojax fp32 (XLA dots)' row: the fp32 params with the "
                      "small-M fp32 CPU kernel switched off (nanojax.dense.fp32_kernel(False)), interleaved "
                      "with the default row (kernel on) in the quantized-table run.")
+flags.DEFINE_string("json", "", "With --llama_cpp, --quant or --fp32_ab: also write the table's rows "
+                    "(tok/s per variant) and the CPU line to this JSON file (scripts/cpu_bars.py reads it).")
 flags.DEFINE_float("pause_s", 0.5, "Idle seconds before each timed run (lets spinning threads sleep).")
 FLAGS = flags.FLAGS
 
@@ -327,6 +330,8 @@ def main(argv):
     del argv
     if FLAGS.quant != ["fp32"] or FLAGS.llama_cpp or FLAGS.fp32_ab:
         return main_quant()
+    if FLAGS.json:
+        raise app.UsageError("--json writes the table of --llama_cpp, --quant or --fp32_ab runs: pass one")
     dev = jax.devices()[0]
     load_before = os.getloadavg()[0]
     bw = copy_bandwidth()
@@ -393,6 +398,11 @@ def main_quant():
     print(f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print()
     print_quant_table(rows)
+    if FLAGS.json:
+        record = {"cpu": cpu_description(f"XLA {usable_cpus()}, llama.cpp {FLAGS.llama_threads} threads"),
+                  "jax": jax.__version__, "new_tokens": FLAGS.new_tokens, "repeats": FLAGS.repeats,
+                  "packed": FLAGS.pack, "rows": rows}
+        Path(FLAGS.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ kernel (nanojax.kernels.cpu_attention), alternating with the others in the same 
     python scripts/bench_train.py --shapes=shakespeare,gpt2 --notorch --bf16_ab
 """
 
+import json
 import statistics
 import sys
 import time
@@ -75,6 +76,8 @@ flags.DEFINE_bool("bf16_ab", False, "Also time nanojax in mixed precision (bf16 
                   "to the --dtype side, in the same process (and print the bf16 side's speed-up).")
 flags.DEFINE_bool("gemm_kernel_ab", False, "Also time nanojax with XLA's dots in place of the MKL gemm "
                   "kernel for the dense products (`cpu_gemm.gemm_kernel(False)`).")
+flags.DEFINE_string("json", "", "Also write each shape's median ms/step per side, and the CPU line, to this "
+                    "JSON file (scripts/cpu_bars.py reads it).")
 FLAGS = flags.FLAGS
 
 
@@ -201,6 +204,7 @@ def main(argv):
     if FLAGS.torch and not FLAGS.bias:
         raise app.UsageError("HF GPT2LMHeadModel always has biases: pass --notorch with --nobias")
     rows = []
+    medians = {}  # shape -> side -> ms/step, for --json
     for name in FLAGS.shapes:
         preset, B, T = SHAPES[name]
         steps = FLAGS.steps or (3 if name == "gpt2" else 40)
@@ -246,6 +250,7 @@ def main(argv):
             for k, (step, sync, batches) in sides.items():
                 times[k].append(time_round(step, batches, sync))
         med = {k: statistics.median(v) for k, v in times.items()}
+        medians[name] = {k: t * 1e3 for k, t in med.items()}
         tokens = B * T
         for k, t in med.items():
             rows.append((name, f"{B}x{T}", k, t * 1e3, tokens / t, med["nanojax"] and t / med["nanojax"]))
@@ -275,6 +280,10 @@ def main(argv):
     print("|---|---|---|---:|---:|---:|")
     for name, bt, impl, ms, tps, ratio in rows:
         print(f"| {name} | {bt} | {impl} | {ms:.1f} | {tps:,.0f} | {ratio:.2f}x |")
+    if FLAGS.json:
+        record = {"cpu": cpu_description(used), "platform": device.platform, "jax": jax.__version__,
+                  "dtype": FLAGS.dtype, "rounds": FLAGS.rounds, "ms_per_step": medians}
+        Path(FLAGS.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
