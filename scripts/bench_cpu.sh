@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The speed issue's CPU bars in one run (~15 min on 2 cores), each side by side in one process,
+# then one table of them (scripts/cpu_bars.py):
+#   1. fp32 and bf16 training steps at the quickstart shape, against nanoGPT as shipped (its own
+#      checkout, the second argument or NANOGPT_DIR; without one that row says not measured).
+#   2. fp32 and bf16 training steps at GPT-2 124M, against PyTorch eager (HF GPT2LMHeadModel).
+#   3. fp32 decode, llama-134m at batch 1, against llama.cpp F32 (llama-cpp-python: the `bench`
+#      extra; without it that row says not measured).
+#   4. The quickstart trained in fp32 and in bf16, 2000 steps each: whole-split val losses
+#      (QUALITY=0 skips this part, ~2-3 min).
+#
+#   bash scripts/bench_cpu.sh [OUT_DIR] [NANOGPT_DIR]     # logs and JSON to OUT_DIR (out/bench_cpu)
+#
+# Needs the test extra (torch, transformers: `make install-test`) and the Shakespeare data that
+# `make data` prepares (DATA, default data/shakespeare_char). docs/performance.md keeps the tables
+# this printed, one per CPU family.
+set -uo pipefail  # no -e: a part that fails leaves its row "not measured", the others still run
+cd "$(dirname "$0")/.."
+out="${1:-out/bench_cpu}"
+nanogpt="${2:-${NANOGPT_DIR:-}}"
+data="${DATA:-data/shakespeare_char}"
+py="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
+mkdir -p "$out"
+rm -f "$out"/*.json
+export PYTHONUNBUFFERED=1
+quiet() { grep -v "^I[0-9]"; }  # absl's INFO lines
+
+echo "== $(date -u '+%F %T') UTC, load average $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$out/started.txt"
+if [ -n "$nanogpt" ] && [ -f "$nanogpt/model.py" ]; then
+  ng=(--nanogpt_dir="$nanogpt")
+else
+  echo "no nanoGPT checkout (git clone https://github.com/karpathy/nanoGPT, then pass its path):" \
+    "the quickstart row will say not measured"
+  ng=()
+fi
+"$py" scripts/bench_train.py --shapes=shakespeare --nobias --notorch "${ng[@]}" --bf16_ab --rounds=9 \
+  --json="$out/train_quickstart.json" 2>&1 | quiet | tee "$out/train_quickstart.txt"
+"$py" scripts/bench_train.py --shapes=gpt2 --bf16_ab --rounds=5 --json="$out/train_gpt2.json" 2>&1 \
+  | quiet | tee "$out/train_gpt2.txt"
+if "$py" -c "import llama_cpp" 2>/dev/null; then
+  "$py" scripts/bench_decode.py --shapes=llama-134m --batches=1 --llama_cpp --llama_types=F32 --no_hf \
+    --repeats=7 --json="$out/decode.json" 2>&1 | quiet | tee "$out/decode.txt"
+else
+  echo "no llama-cpp-python (pip install -e '.[bench]'): the decode row will say not measured"
+fi
+if [ "${QUALITY:-1}" != "0" ]; then
+  for dtype in float32 bfloat16; do
+    rm -rf "$out/quality_$dtype"  # a fresh run, not a resume of the last one
+    "$py" scripts/train.py --config=configs/shakespeare_char_cpu.py --workdir="$out/quality_$dtype" \
+      --config.data_dir="$data" --config.model.dtype=$dtype > "$out/quality_$dtype.log" 2>&1
+    echo "$dtype: $(tr '\r' '\n' < "$out/quality_$dtype.log" | grep -a "^done:" || echo "failed, see $out/quality_$dtype.log")"
+  done
+fi
+"$py" scripts/cpu_bars.py --dir="$out" 2>&1 | quiet | tee "$out/bars.md"
