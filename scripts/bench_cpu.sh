@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed issue's CPU bars in one run (~15 min on 2 cores), each side by side in one process,
+# The speed issue's CPU bars in one run (6 min on a 2-core Zen 5), each side by side in one process,
 # then one table of them (scripts/cpu_bars.py):
 #   1. fp32 and bf16 training steps at the quickstart shape, against nanoGPT as shipped (its own
 #      checkout, the second argument or NANOGPT_DIR; without one that row says not measured).
