@@ -10,6 +10,8 @@
 #   4. GPT-2 124M with remat=full, in the auto (jit) and the manual (shard_map) step (docs/sharding.md).
 #   5. Attention, T = 512..16384, head_dim 128, bf16, causal: nanojax's Pallas FlashAttention vs
 #      the XLA path vs cuDNN, forward and forward + backward (docs/attention.md).
+#   6. For the 45% MFU goal of 2.: the same step with the vocabulary padded to 50304 (a multiple of
+#      64, as nanoGPT pads it), and a trace of 5 steps with its top ops (where the time goes).
 #
 #   bash scripts/bench_gpu.sh [OUT_DIR]     # logs to OUT_DIR (default: out/bench_gpu)
 #
@@ -50,3 +52,10 @@ for mode in auto manual; do
 done
 "$py" scripts/bench_attention.py --seq_lens=512,1024,2048,4096,8192,16384 --tokens=16384 --heads=16 \
   --head_dim=128 --dtype=bfloat16 --repeats=10 2>&1 | grep -v "^I[0-9]" | tee "$out/attention.txt"
+# 6. Each part may fail on its own without costing the logs above (the trace needs the profiler).
+"$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=20 --rounds=3 \
+  --vocab_size=50304 2>&1 | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16_vocab50304.txt" \
+  || echo "the padded-vocabulary run failed (see $out/train_gpt2_bf16_vocab50304.txt)"
+"$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=5 --rounds=1 \
+  --profile_dir="$out/profile" 2>&1 | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16_profile.txt" \
+  || echo "the profiled run failed (see $out/train_gpt2_bf16_profile.txt)"
