@@ -67,6 +67,10 @@ def bars(folder: Path) -> tuple[list[tuple[str, str, str, str, str, str]], list[
         ms = (rec or {}).get("ms_per_step", {}).get(shape)
         if rec:
             cpus.append(rec["cpu"])
+        if rec and rec.get("dtype", "float32") != "float32":
+            rows.append((label, "-", "-", "-", f">= {goal}x", f"not measured ({fname}'s nanojax side is "
+                         f"{rec['dtype']}: run bench_train.py without --dtype)"))
+            continue
         if not ms or "nanojax" not in ms or base not in ms:
             rows.append((label, "-", "-", "-", f">= {goal}x", f"not measured (no {base} side in {fname})"))
             continue

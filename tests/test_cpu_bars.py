@@ -63,3 +63,11 @@ def test_missing_parts_say_not_measured_and_no_bf16_is_not_applicable(tmp_path):
     assert _row(rows, "bf16 vs fp32 training, quickstart")[5] == "n/a: no native bf16 on this CPU"
     assert _row(rows, "bf16 whole-split")[5].startswith("not measured")
     assert not cpu_bars.native_bf16(AVX2) and cpu_bars.native_bf16(ZEN5)
+
+
+def test_a_bf16_run_is_not_taken_for_the_fp32_bar(tmp_path):
+    _write(tmp_path, ZEN5, {"nanojax": 10.0, "nanoGPT (torch eager)": 40.0}, {"nanojax": 1.0}, None, None)
+    record = json.loads((tmp_path / "train_quickstart.json").read_text())
+    (tmp_path / "train_quickstart.json").write_text(json.dumps({**record, "dtype": "bfloat16"}))
+    rows, _ = cpu_bars.bars(tmp_path)
+    assert "is bfloat16" in _row(rows, "fp32 training, quickstart")[5]
