@@ -92,7 +92,7 @@ def attention(
         if q.dtype == jnp.float32:
             return cpu_attention.causal_attention(q, k, v)
         # bf16 compute: the kernel is fp32 inside (as XLA's softmax is); the casts are cheap next to
-        # XLA's bf16 attention (docs/performance.md, "Training GEMMs on MKL": bf16)
+        # XLA's bf16 attention (docs/performance/training.md, "Training GEMMs on MKL": bf16)
         f32 = [t.astype(jnp.float32) for t in (q, k, v)]
         return cpu_attention.causal_attention(*f32).astype(q.dtype)
     return _xla_attention(q, k, v, mask)

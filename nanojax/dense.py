@@ -119,7 +119,7 @@ def use_fp32_kernel(x: jax.Array, w: jax.Array) -> bool:
     CPU backend with the kernels built, not under a sharded trace, w on one device. No under
     NANOJAX_NO_KERNELS=1, NANOJAX_FP32_KERNEL=0 (read at trace time) or `with fp32_kernel(False)`.
     XLA:CPU runs a layer-sized matrix-vector dot on one thread; the kernel splits it over both
-    (docs/performance.md, decode)."""
+    (docs/performance/decode.md)."""
     from nanojax.quant import ffi
 
     if _FP32_KERNEL.value is False:

@@ -166,7 +166,7 @@ def rope_table(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.A
     XLA:CPU may still fuse a copy of the sin/cos into each layer's q and k fusions and evaluate
     them per output element (N*H elements, not H/2): in a decode step that cost ~6 us per layer
     at llama-134m, so the decode loops pass `rope_cs` gathered from a table they make before their
-    while loop (docs/performance.md, "Decode: the non-matmul ops")."""
+    while loop (docs/performance/decode.md, "Decode: the non-matmul ops")."""
     inv_freq = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)  # (H/2,)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]

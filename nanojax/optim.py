@@ -84,7 +84,7 @@ def fused_adamw(
     `optimizer.update` + `optax.apply_updates` + keeping the old state unless `ok` give, on the
     optimizer state `make_optimizer(...).init` made (so checkpoints and resumes do not care which
     ran), updated in place (csrc/adamw.cc: one pass over params, moments and gradients, where XLA
-    makes ~17; docs/performance.md, Training). float32 leaves on the CPU with the kernels built
+    makes ~17; docs/performance/training.md). float32 leaves on the CPU with the kernels built
     only (`adamw_kernel_enabled`). grad_norm: the gradients' global norm (what the clip uses).
     """
     from nanojax.quant import ffi

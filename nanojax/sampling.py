@@ -37,7 +37,7 @@ def argmax(x: jax.Array) -> jax.Array:
     same order (the sign-flip of radix sorts, M. Herf, "Radix Tricks", 2001: a negative float's
     magnitude bits are inverted), NaN made one NaN above +inf and -0.0 made +0.0 (argmax counts
     them equal); then a max of the keys and a min of the indices holding it: ~25 us
-    (docs/performance.md, "Decode: the non-matmul ops"). A float max instead of the key went to
+    (docs/performance/decode.md, "Decode: the non-matmul ops"). A float max instead of the key went to
     XNNPACK's reduce on this jaxlib, with a copy of the logits before it: ~80 us."""
     if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         return jnp.argmax(x, axis=-1).astype(jnp.int32)
@@ -77,7 +77,7 @@ def top_k_top_p_keep(x: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Ar
     survivors strictly above it (in descending order) is < top_p (ties at the boundary all stay).
 
     The full descending sort this replaces cost ~7 ms a row at a 32000-token vocabulary on this
-    project's CPU (~110 ms a step for 16 rows: docs/performance.md). Fast path: the best
+    project's CPU (~110 ms a step for 16 rows: docs/performance/decode.md). Fast path: the best
     TOP_CANDIDATES logits (lax.top_k) hold the whole answer when top_k <= TOP_CANDIDATES, or
     when top_k is off and the boundary of top_p's mass falls among them (probabilities from one
     logsumexp over the row); a peaked LM distribution nearly always. Otherwise (any row of the

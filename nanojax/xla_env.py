@@ -3,7 +3,7 @@
 XLA reads XLA_FLAGS once, when the first backend is created, so nanojax/__init__.py calls
 `tune_xla()` at import time (like `_malloc.tune_malloc()`), before anything touches a device.
 Which flags help depends on the CPU family: a flag goes into TUNED_FLAGS for a family only where
-it was measured to help on that family (docs/performance.md, "XLA:CPU options by CPU family");
+it was measured to help on that family (docs/performance/xla_flags.md, "XLA:CPU options by CPU family");
 every other family gets nothing. The rules:
 
 - the user wins, per flag: a flag already named in the user's XLA_FLAGS is left as the user set
@@ -38,7 +38,7 @@ CPU_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "a
 
 # Family -> the flags measured to make training faster there. A family listed with no flags was
 # measured and nothing helped; a family not listed was never measured. Both get nothing added.
-# docs/performance.md ("XLA:CPU options by CPU family") has the A/Bs behind each row.
+# docs/performance/xla_flags.md ("XLA:CPU options by CPU family") has the A/Bs behind each row.
 TUNED_FLAGS: dict[str, tuple[str, ...]] = {
     # Sapphire Rapids VM, jaxlib 0.10.2: `--xla_cpu_experimental_onednn_fusion_type=dot` alone
     # compiles the train step to the identical executable (YNN keeps the dots); with

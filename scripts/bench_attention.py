@@ -19,7 +19,7 @@ warm-up. Columns:
 Implementations: "xla" (nanojax.attention's portable path), "pallas" (nanojax.kernels), "cudnn"
 (`jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA GPUs only; skipped elsewhere), "cpu"
 (nanojax.kernels.cpu_attention, the fp32 C++ kernel; AVX-512 CPUs only). The CPU training shapes
-(docs/performance.md, Training) side by side:
+(docs/performance/training.md) side by side:
     python scripts/bench_attention.py --impls=xla,cpu --seq_lens=64 --tokens=768 --heads=4 --head_dim=32 \
         --repeats=50                                                    # quickstart: B 12, T 64
     python scripts/bench_attention.py --impls=xla,cpu --seq_lens=256 --tokens=512 --heads=12 \

@@ -1,12 +1,12 @@
 """Decode throughput: nanojax `generate` against Hugging Face `transformers` `generate`, side by side.
 
-    python scripts/bench_decode.py                                   # the CPU table in docs/performance.md
+    python scripts/bench_decode.py                         # the CPU table in docs/performance/decode.md
     python scripts/bench_decode.py --shapes=llama-134m --batches=1 --repeats=5
     python scripts/bench_decode.py --shapes=llama2-7b --dtype=bfloat16 --no_hf   # on a GPU
     python scripts/bench_decode.py --shapes=llama-134m --batches=1 --quant=fp32,int8,int4 --llama_cpp --no_hf
                                                      # docs/quantization.md: quantized + llama.cpp
     python scripts/bench_decode.py --shapes=llama-134m --batches=1 --quant=fp32 --fp32_ab --llama_cpp
-                                                     # docs/performance.md: fp32 kernel vs XLA vs llama.cpp
+                                       # docs/performance/decode.md: fp32 kernel vs XLA vs llama.cpp
 
 Both sides get the same random weights (nanojax params converted into a transformers model),
 the same prompts (random ids, `--prompt_len` long) and greedy decoding of `--new_tokens` tokens;

@@ -1,6 +1,6 @@
 """The fp32 small-M kernel (nanojax/quant/csrc/fmatmul.cc) against XLA's dot, and against other builds.
 
-    python scripts/bench_fp32_kernel.py                                 # docs/performance.md, fp32 kernel
+    python scripts/bench_fp32_kernel.py                          # docs/performance/decode.md, fp32 kernel
     python scripts/bench_fp32_kernel.py --ms=1,16 --shapes=768x2048 --so=old=/tmp/old/libnjquant.so
 
 Each timed call is a jitted chain of products y_{k+1} = (y_k @ w_k)[:, :I] over distinct weights

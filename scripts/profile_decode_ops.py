@@ -9,7 +9,7 @@ each decode op the median time of one call times its calls per step is reported 
 shared machine single calls get preempted for 50-100 us). Ops are named from the compiled HLO
 (XLA_FLAGS=--xla_dump_to is set here, before jax starts) and grouped: the matmuls, the attention
 dots, the greedy argmax, RoPE + the K cache write, the V cache write, q's RoPE and the rest.
-docs/performance.md ("Decode: the non-matmul ops") has a table made with it.
+docs/performance/decode.md ("Decode: the non-matmul ops") has a table made with it.
 """
 
 import os

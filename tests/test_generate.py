@@ -164,7 +164,7 @@ def _full_logits(params: dict, cfg: nj.ModelConfig, prompts: list[list[int]],
 @pytest.mark.parametrize("batch", [1, 3])
 def test_the_decode_loop_reads_the_cache_where_it_lies(batch):
     """The compiled decode loop copies no cache-window-sized array: before the [B*K, W, H] layout,
-    XLA:CPU copied every layer's K and V window each token (docs/performance.md)."""
+    XLA:CPU copied every layer's K and V window each token (docs/performance/decode.md)."""
     calls = []
     real = GEN._decode
 
@@ -213,7 +213,7 @@ def test_the_decode_step_computes_no_sin_cos_and_no_variadic_argmax():
     """Per token, the compiled decode loop evaluates no sin/cos (RoPE's table is made once per call,
     outside the loop; inside, XLA:CPU fused them into every layer's q and k and evaluated them per
     element) and picks the greedy token with plain reductions, not jnp.argmax's (value, index)
-    reduce that XLA:CPU runs as scalar code (docs/performance.md). Both decode loops: generate's
+    reduce that XLA:CPU runs as scalar code (docs/performance/decode.md). Both decode loops: generate's
     and the continuous-batching engine's chunk."""
     from nanojax.infer import slots as SL
     from nanojax.sampling import make_spec, row_knobs

@@ -2,7 +2,7 @@
 
 A CPU decode step at batch 1 streams every weight from DRAM once per token, so it runs at the
 machine's streaming rate, and on 4 KiB pages that rate is lower: the same C loop over llama-134m's
-438 MB of products read 8-16% faster on 2 MiB pages (docs/performance.md, "Decode on Zen 5: masked
+438 MB of products read 8-16% faster on 2 MiB pages (docs/performance/decode.md, "Decode on Zen 5: masked
 loads and 2 MiB pages"). llama.cpp gets those pages for free: it maps the GGUF file, and the page
 cache holds it in large folios. XLA's buffers come from glibc's heap (nanojax/_malloc.py), on
 4 KiB pages.

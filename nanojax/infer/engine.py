@@ -257,7 +257,7 @@ def window_rope(cfg: ModelConfig, window: int) -> tuple[jax.Array, jax.Array] | 
     """RoPE's cos and sin for positions 0 .. window-1, each float32 (window, H/2), made once per
     decode call, outside its while loop (None for learned positions). Made inside the loop, XLA:CPU
     fused the sin/cos into every layer's q and k fusions and evaluated them per element: ~6 us of
-    every layer of a llama-134m step (docs/performance.md, "Decode: the non-matmul ops")."""
+    every layer of a llama-134m step (docs/performance/decode.md, "Decode: the non-matmul ops")."""
     if cfg.pos_emb != "rope":
         return None
     cos, sin = rope_table(jnp.arange(window, dtype=jnp.int32)[None], cfg.resolved_head_dim, cfg.rope_theta)
@@ -309,7 +309,7 @@ def _decode_loop(params: Params, cache: Cache, state: State, limit: jax.Array, k
 
 # XLA:CPU rewrites every reduction longer than 32 into a reduce-window plus a reduce (pairwise sums,
 # for the accuracy of long reductions). A decode step reduces only over d_model and the attention
-# window, and those extra thunks cost ~3% of a small model's step (docs/performance.md), so the
+# window, and those extra thunks cost ~3% of a small model's step (docs/performance/decode.md), so the
 # decode executable skips that pass on CPU. Other backends compile it as is.
 _CPU_DECODE_OPTIONS = {"xla_disable_hlo_passes": "tree_reduction_rewriter"}
 

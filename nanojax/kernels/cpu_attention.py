@@ -9,7 +9,7 @@ training or a prefill from position 0); query head n uses kv head n // (N // K);
 
 Why: XLA:CPU runs training attention as batched dots at ~17-54 GFLOP/s with the mask, softmax and
 transposes as separate passes over (T, T) scores; the kernel does a (batch row, kv head) in one
-pass that stays in cache, on both cores (docs/attention.md, docs/performance.md).
+pass that stays in cache, on both cores (docs/attention.md, docs/performance/training.md).
 
 nanojax.attention's impl="auto" takes it on the CPU for float32 with no explicit mask when
 `enabled(head_dim)` (AVX-512, kernels built, NANOJAX_TRAIN_ATTN_KERNEL not "0", or forced by

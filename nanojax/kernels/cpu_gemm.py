@@ -10,7 +10,7 @@ out_dtype=jnp.bfloat16 (rounded once from the fp32 sums).
 
 Why: at the quickstart's shapes (768 x 128 x 512) XLA:CPU's dot runs the dense layer's products at
 60-175 GFLOP/s on two Sapphire Rapids cores, MKL's sgemm at 190-280, and XLA's bf16 dot is no
-faster than its fp32 one while MKL's bf16 gemm runs 2-4x its sgemm (docs/performance.md, "Training
+faster than its fp32 one while MKL's bf16 gemm runs 2-4x its sgemm (docs/performance/training.md, "Training
 GEMMs on MKL"). On an AMD Zen 5 the picture differs: XLA's fp32 dot beats MKL (which takes slow
 paths on AMD) and oneDNN's bf16 matmul runs at ~2x XLA's fp32 dot, while XLA's own bf16 dot is fast
 only untransposed ("AMD EPYC, Zen 5"). So the library is chosen per CPU family and dtype
@@ -37,7 +37,7 @@ from nanojax.quant import ffi
 ENV_SWITCH = "NANOJAX_GEMM_KERNEL"
 LIBRARIES = ("mkl", "onednn")
 # CPU family -> dtype -> the library the kernel runs that dtype's products on there by default,
-# each measured faster than XLA's dot on that family (docs/performance.md, "Training GEMMs on MKL"
+# each measured faster than XLA's dot on that family (docs/performance/training.md, "Training GEMMs on MKL"
 # and "AMD EPYC, Zen 5"); a dtype or family not listed stays on XLA's dot unless
 # NANOJAX_GEMM_KERNEL=1 or gemm_kernel(True) asks for the kernel.
 MEASURED = {

@@ -16,7 +16,7 @@
 // the gradient and recomputing the moments), materialises the clipped gradient first, and copies
 // the donated moments so the later loops still see the old ones: ~17 passes over 4-byte arrays
 // of every parameter instead of the 7 this loop makes (read p, m, v, g; write p, m, v). On GPT-2
-// 124M that was ~0.5 s of a ~2.8 s CPU step (docs/performance.md, Training). The tree's leaves are
+// 124M that was ~0.5 s of a ~2.8 s CPU step (docs/performance/training.md). The tree's leaves are
 // cut into chunks of kChunk elements, the units of parallel.h's split over both threads.
 //
 // ISA: AVX-512 or AVX2 loops (GCC target attributes, picked at run time), a scalar tail and a

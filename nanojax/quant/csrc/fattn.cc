@@ -11,7 +11,7 @@
 // K kv heads, G = N / K query heads per kv head (grouped-query attention).
 //
 // Why: XLA:CPU runs training attention as batched dots at ~17-54 GFLOP/s plus separate passes for the
-// mask, the softmax and the transposes around them (docs/performance.md, Training). Here the whole
+// mask, the softmax and the transposes around them (docs/performance/training.md). Here the whole
 // attention of a (batch row, kv head) is one pass whose blocks sit in L1/L2.
 //
 // Algorithm (FlashAttention-2, Dao 2023, arXiv:2307.08691, with whole key rows instead of an online

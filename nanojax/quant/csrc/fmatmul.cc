@@ -17,7 +17,7 @@
 // on the thread count or on the ISA (the scalar loop uses fmaf), so a row's result is bit-identical
 // at M = 1 and inside a batch of 32, as the serving engine's batch-vs-single greedy comparison needs.
 //
-// Two ways to cut the work, same numbers (docs/performance.md, "fp32 small-M kernel"):
+// Two ways to cut the work, same numbers (docs/performance/decode.md, "fp32 small-M kernel"):
 //  * M <= kSplitMaxM, or partial sums of at most kMaxPartial bytes: units are (chunk, column slab)
 //    pairs with slabs as wide as kWide columns, so a unit streams whole contiguous runs of w (one
 //    128-row chunk of a 2048-wide matrix is one contiguous 1 MiB block) and the hardware
@@ -41,7 +41,7 @@
 // Masks: only a ragged end of columns loads and stores through a mask; whole vectors use plain
 // loads and stores. On Zen 5 (AMD EPYC, family 26) a masked load streams from DRAM ~25% slower
 // than a plain one even with every lane on (a C loop over llama-134m's products, both threads:
-// 0.75-0.78x), which held the whole batch-1 decode below llama.cpp F32 there (docs/performance.md,
+// 0.75-0.78x), which held the whole batch-1 decode below llama.cpp F32 there (docs/performance/decode.md,
 // "Decode on Zen 5: masked loads and 2 MiB pages"; the Xeon was not measured).
 
 #include <immintrin.h>
@@ -244,7 +244,7 @@ void run_chain(const Fp32Problem& p, Tier tier, int64_t i0, int64_t i1, int64_t 
                int64_t ldacc) {
   // At M <= 2 on a wide matrix (kRows rows ahead is over 1 MiB: the 32000-wide head) the software
   // prefetch costs more than it brings; the hardware streamer alone read the head ~13% faster,
-  // while the layer-sized matrices lost ~7% without it (docs/performance.md).
+  // while the layer-sized matrices lost ~7% without it (docs/performance/decode.md).
   const bool prefetch = p.M > 2 || p.O * kRows * int64_t(sizeof(float)) <= (1 << 20);
   for (int64_t r0 = i0; r0 < i1; r0 += kRows) {
     const int64_t nr = std::min(kRows, i1 - r0);
@@ -268,7 +268,7 @@ void run_chain(const Fp32Problem& p, Tier tier, int64_t i0, int64_t i1, int64_t 
 // memory (a tile of run_chain jumps a whole row of w every 0.75 KiB), so the hardware prefetcher
 // alone streams it; a software prefetch 2 or 4 rows ahead measured no better on the layers and
 // worse on the head. Measured: 1.05-1.09x the tiled walk on llama-134m's layers, 1.15-1.19x on
-// its 768 x 32000 head (docs/performance.md, "Decode, third pass").
+// its 768 x 32000 head (docs/performance/decode.md, "Decode, third pass").
 
 template <int R>
 __attribute__((target("avx512f,fma"))) void stream_rows_avx512(
@@ -407,7 +407,7 @@ ffi::Error Fp32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   }
   const Fp32Problem p{M, I, O, x.typed_data(), w.typed_data(), yp};
   const Tier tier = pick_tier();
-  // Measured (docs/performance.md): the row split streams faster at every M while its partial
+  // Measured (docs/performance/decode.md): the row split streams faster at every M while its partial
   // sums stay in L2; at M = 32 on the 32000-wide head (20 MB of partials) the column split wins.
   const int64_t partial_bytes = ((I + kChunk - 1) / kChunk - 1) * M * O * int64_t(sizeof(float));
   if (M <= kSplitMaxM || partial_bytes <= kMaxPartial) run_split_rows(pool, p, tier);

@@ -10,7 +10,7 @@
 // backward g @ w^T and x^T @ g) at 60-175 GFLOP/s on two Sapphire Rapids cores at the quickstart's
 // 768 x 128 x 512 shapes, where Intel MKL's sgemm runs at 190-280, and XLA's bf16 dot was no faster
 // than its fp32 one, where MKL's bf16 gemm runs on the CPU's bf16 units (AMX where the OS grants it)
-// at 2-4x its sgemm (docs/performance.md, "Training GEMMs on MKL"). On an AMD EPYC (Zen 5) MKL takes
+// at 2-4x its sgemm (docs/performance/training.md, "Training GEMMs on MKL"). On an AMD EPYC (Zen 5) MKL takes
 // slow paths (its fp32 and bf16 gemms ran the GPT-2 step at half XLA's speed) while oneDNN's bf16
 // matmul runs its AVX512_BF16 kernels at ~2x XLA's fp32 dot ("AMD EPYC, Zen 5"). The kernel
 // cuts c into row (or column) blocks, one per thread, each one single-threaded library call, the

@@ -5,7 +5,7 @@
 // pool (the FFI ThreadPool; parallel_units, the training kernels) or the kernels' own spinning
 // helpers (parallel_units_spinning, the decode kernels; why below). The caller works too, so it
 // needs only one helper per *other* core: a helper more than cores would preempt a worker in the
-// middle of its unit, and everyone waits for that unit (measured on 2 cores: docs/performance.md,
+// middle of its unit, and everyone waits for that unit (measured on 2 cores: docs/performance/decode.md,
 // the fp32 kernel). The caller then waits only for units a helper already claimed, yielding now and
 // then in case that helper was preempted; a helper that starts after all units are claimed returns
 // at once, so a busy pool costs no deadlock.
