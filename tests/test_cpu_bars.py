@@ -71,3 +71,10 @@ def test_a_bf16_run_is_not_taken_for_the_fp32_bar(tmp_path):
     (tmp_path / "train_quickstart.json").write_text(json.dumps({**record, "dtype": "bfloat16"}))
     rows, _ = cpu_bars.bars(tmp_path)
     assert "is bfloat16" in _row(rows, "fp32 training, quickstart")[5]
+
+
+def test_the_bf16_row_stands_without_the_baseline(tmp_path):
+    _write(tmp_path, ZEN5, {"nanojax": 21.0, "nanojax bf16": 14.0}, {"nanojax": 1.0}, None, None)
+    rows, _ = cpu_bars.bars(tmp_path)
+    assert _row(rows, "fp32 training, quickstart")[5].startswith("not measured")  # no nanoGPT side
+    assert _row(rows, "bf16 vs fp32 training, quickstart")[3:] == ("1.50x", ">= 1.5x", "yes")
