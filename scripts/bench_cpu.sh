@@ -11,8 +11,9 @@
 #
 #   bash scripts/bench_cpu.sh [OUT_DIR] [NANOGPT_DIR]     # logs and JSON to OUT_DIR (out/bench_cpu)
 #
-# Needs the test extra (torch, transformers: `make install-test`) and the Shakespeare data that
-# `make data` prepares (DATA, default data/shakespeare_char). docs/performance.md keeps the tables
+# Needs the test extra (torch, transformers: `make install-test`). The quality runs train on DATA
+# (default data/shakespeare_char, what `make data` prepares), prepared here if missing: downloaded,
+# or from SHAKESPEARE=path/to/input.txt offline. docs/performance.md keeps the tables
 # this printed, one per CPU family.
 set -uo pipefail  # no -e: a part that fails leaves its row "not measured", the others still run
 cd "$(dirname "$0")/.."
@@ -42,6 +43,12 @@ if "$py" -c "import llama_cpp" 2>/dev/null; then
     --repeats=7 --json="$out/decode.json" 2>&1 | quiet | tee "$out/decode.txt"
 else
   echo "no llama-cpp-python (pip install -e '.[bench]'): the decode row will say not measured"
+fi
+if [ "${QUALITY:-1}" != "0" ] && [ ! -f "$data/meta.json" ]; then  # as `make data` prepares it
+  src=(--url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
+  [ -n "${SHAKESPEARE:-}" ] && src=(--input="$SHAKESPEARE")
+  "$py" scripts/prepare_data.py "${src[@]}" --tokenizer=char --out_dir="$data" 2>&1 | quiet | tail -2 \
+    || echo "no Shakespeare data in $data (offline? SHAKESPEARE=path/to/input.txt)"
 fi
 if [ "${QUALITY:-1}" != "0" ]; then
   for dtype in float32 bfloat16; do
