@@ -22,7 +22,7 @@ nanogpt="${2:-${NANOGPT_DIR:-}}"
 data="${DATA:-data/shakespeare_char}"
 py="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 mkdir -p "$out"
-rm -f "$out"/*.json
+rm -rf "$out"/*.json "$out"/quality_*  # no numbers left over from an earlier run
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "^I[0-9]"; }  # absl's INFO lines
 
@@ -52,7 +52,6 @@ if [ "${QUALITY:-1}" != "0" ] && [ ! -f "$data/meta.json" ]; then  # as `make da
 fi
 if [ "${QUALITY:-1}" != "0" ]; then
   for dtype in float32 bfloat16; do
-    rm -rf "$out/quality_$dtype"  # a fresh run, not a resume of the last one
     "$py" scripts/train.py --config=configs/shakespeare_char_cpu.py --workdir="$out/quality_$dtype" \
       --config.data_dir="$data" --config.model.dtype=$dtype > "$out/quality_$dtype.log" 2>&1
     echo "$dtype: $(tr '\r' '\n' < "$out/quality_$dtype.log" | grep -a "^done:" || echo "failed, see $out/quality_$dtype.log")"
