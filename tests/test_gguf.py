@@ -30,11 +30,11 @@ def hf_llama(tmp_path_factory):
     return d, cfg, params
 
 
-@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_0"])
-def test_gguf_matches_transformers(hf_llama, qtype):
+@pytest.mark.parametrize("qtype,head", [("F32", None), ("Q8_0", None), ("Q4_0", None), ("Q4_0", "Q8_0")])
+def test_gguf_matches_transformers(hf_llama, qtype, head):
     d, cfg, params = hf_llama
-    name = f"m_{qtype}.gguf"
-    write_gguf(params, cfg, d / name, qtype)
+    name = f"m_{qtype}_{head}.gguf"
+    write_gguf(params, cfg, d / name, qtype, head_qtype=head)
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name).eval()
     cfg2, p2 = load_gguf(d / name)
     assert cfg2.replace(max_seq_len=cfg.max_seq_len) == cfg
@@ -44,6 +44,7 @@ def test_gguf_matches_transformers(hf_llama, qtype):
     else:
         assert isinstance(wq, QuantizedMatrix) and wq.group_size == 32
         assert wq.bits == (8 if qtype == "Q8_0" else 4) and isinstance(p2["wte"], QuantizedTable)
+        assert p2["lm_head"].bits == (8 if (head or qtype) == "Q8_0" else 4)
     toks = np.random.default_rng(0).integers(0, 96, (2, 12))
     with torch.no_grad():
         ref = hf(torch.tensor(toks)).logits.numpy()
@@ -151,3 +152,5 @@ def test_bad_gguf_files(hf_llama, tmp_path):
         load_gguf(cut)
     with pytest.raises(ValueError, match=r"qtype must be one of \('F32', 'Q8_0', 'Q4_0'\)"):
         write_gguf(params, cfg, tmp_path / "x.gguf", "Q6_K")
+    with pytest.raises(ValueError, match=r"head_qtype must be one of .*got 'Q6_K'"):
+        write_gguf(params, cfg, tmp_path / "x.gguf", "Q4_0", head_qtype="Q6_K")

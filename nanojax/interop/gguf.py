@@ -274,17 +274,21 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Any:
 
 
 def write_gguf(params: Params, cfg: ModelConfig, path: str | os.PathLike, qtype: str = "F32",
-               tokenizer: Any = None) -> Path:
+               tokenizer: Any = None, head_qtype: str | None = None) -> Path:
     """Writes a float Llama-family params tree as a GGUF file llama.cpp and transformers read.
 
     qtype: "F32", "Q8_0" or "Q4_0" for the 2-D weights (quantized by gguf.quants, which matches
-    ggml's reference rounding); norms stay F32. tokenizer: an HFTokenizer with a byte-level BPE
+    ggml's reference rounding); norms stay F32. head_qtype: the type of an untied head
+    (output.weight), one of the same; None: qtype. (llama.cpp's own quantizer keeps the head
+    wider than a 4-bit body, Q6_K by default, which gguf.quants cannot write; "Q8_0" is the
+    nearest, and as wide as nanojax's int8 head.) tokenizer: an HFTokenizer with a byte-level BPE
     model is written as "gpt2" vocab + merges; otherwise placeholder tokens "<id>" are written
     (enough for llama.cpp to load and time the model, not to tokenize text).
     """
     gguf = _gguf()
-    if qtype not in WRITE_TYPES:
-        raise ValueError(f"qtype must be one of {WRITE_TYPES}, got {qtype!r}")
+    for arg, value in (("qtype", qtype), ("head_qtype", head_qtype or qtype)):
+        if value not in WRITE_TYPES:
+            raise ValueError(f"{arg} must be one of {WRITE_TYPES}, got {value!r}")
     if cfg.pos_emb != "rope" or cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.bias:
         raise ValueError("write_gguf writes Llama-family models (rope, rmsnorm, swiglu, no biases)")
     D, N, K, H, F = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.resolved_head_dim, cfg.ff_dim
@@ -312,15 +316,15 @@ def write_gguf(params: Params, cfg: ModelConfig, path: str | os.PathLike, qtype:
     w.add_file_type({"F32": 0, "Q8_0": 7, "Q4_0": 2}[qtype])
     _add_vocab(w, cfg.vocab_size, tokenizer)
 
-    def mat(name: str, a: Any, in_dims: int, heads: int = 0) -> None:
+    def mat(name: str, a: Any, in_dims: int, heads: int = 0, as_type: Any = qt) -> None:
         a = np.asarray(a, np.float32)
         rows = a.reshape(int(np.prod(a.shape[:in_dims])), -1).T.copy()  # (O, I), HF/ggml order
         if heads:
             rows = _permute(rows, heads)
-        if qt == T.F32:
+        if as_type == T.F32:
             w.add_tensor(name, rows)
         else:
-            w.add_tensor(name, gguf.quants.quantize(rows, qt), raw_dtype=qt)
+            w.add_tensor(name, gguf.quants.quantize(rows, as_type), raw_dtype=as_type)
 
     def vec(name: str, a: Any) -> None:
         w.add_tensor(name, np.asarray(a, np.float32))
@@ -339,7 +343,7 @@ def write_gguf(params: Params, cfg: ModelConfig, path: str | os.PathLike, qtype:
         mat(b + "ffn_down.weight", lp["mlp"]["w_down"], 1)
     vec("output_norm.weight", params["ln_f"]["scale"])
     if not cfg.tie_embeddings:
-        mat("output.weight", params["lm_head"], 1)
+        mat("output.weight", params["lm_head"], 1, as_type=getattr(T, head_qtype or qtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
