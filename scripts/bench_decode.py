@@ -66,7 +66,10 @@ flags.DEFINE_boolean("llama_cpp", False, "Also run llama.cpp (llama-cpp-python, 
 flags.DEFINE_integer("llama_threads", 2, "llama.cpp threads.")
 flags.DEFINE_boolean("pack", True, "nanojax's weights in one 2 MiB-page arena (nj.pack_weights), as "
                      "scripts/sample.py and serve.py load them; --nopack: XLA's own buffers.")
-flags.DEFINE_list("llama_types", ["F32", "Q8_0", "Q4_0"], "GGUF types llama.cpp runs (with --llama_cpp).")
+flags.DEFINE_list("llama_types", ["F32", "Q8_0", "Q4_0", "Q4_0/Q8_0"],
+                  "GGUF types llama.cpp runs (with --llama_cpp); BODY/HEAD gives an untied head its own "
+                  "type (Q4_0/Q8_0: a 4-bit body with an 8-bit head, as wide as nanojax int4's int8 head; "
+                  "llama.cpp's own quantizer keeps the head wider than a Q4_0 body too).")
 flags.DEFINE_boolean("fp32_ab", False, "Add a 'nanojax fp32 (XLA dots)' row: the fp32 params with the "
                      "small-M fp32 CPU kernel switched off (nanojax.dense.fp32_kernel(False)), interleaved "
                      "with the default row (kernel on) in the quantized-table run.")
@@ -280,12 +283,13 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
             print(f"# llama.cpp rows skipped for {name} batch {batch}: the runner does Llama shapes, batch 1")
         else:
             for ft in FLAGS.llama_types:
-                path = os.path.join(tmp.name, f"{name}-{ft}.gguf")
-                write_gguf(params, cfg, path, ft)
+                body, _, head = ft.partition("/")
+                path = os.path.join(tmp.name, f"{name}-{ft.replace('/', '-')}.gguf")
+                write_gguf(params, cfg, path, body, head_qtype=head or None)
                 runner = bq.LlamaCppRunner(path, n_ctx=total + 8, threads=FLAGS.llama_threads,
                                            n_batch=max(FLAGS.prompt_len, 8))
-                variants[f"llama.cpp {ft}"] = (lambda r=runner: [r.generate(prompts[0], n)],
-                                               os.path.getsize(path))
+                variants[llama_label(ft)] = (lambda r=runner: [r.generate(prompts[0], n)],
+                                             os.path.getsize(path))
     outs = {k: run() for k, (run, _) in variants.items()}  # warm-up: compiles / loads
     times = {k: [] for k in variants}
     for _ in range(FLAGS.repeats):
@@ -304,6 +308,12 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
     return rows
 
 
+def llama_label(ft: str) -> str:
+    """A --llama_types entry's row label: "llama.cpp Q4_0", or "llama.cpp Q4_0 (Q8_0 head)"."""
+    body, _, head = ft.partition("/")
+    return f"llama.cpp {body}" + (f" ({head} head)" if head else "")
+
+
 def print_quant_table(rows: list[dict]) -> None:
     print("| shape | batch | variant | weights MB | tok/s | vs nanojax fp32 | vs llama.cpp same bits | "
           "greedy tokens = nanojax fp32 |")
@@ -316,8 +326,8 @@ def print_quant_table(rows: list[dict]) -> None:
         peer = None
         if lab.startswith("nanojax int8"):
             peer = tps.get("llama.cpp Q8_0")
-        elif lab.startswith("nanojax int4"):
-            peer = tps.get("llama.cpp Q4_0")
+        elif lab.startswith("nanojax int4"):  # the same head width where that row ran (int8 vs Q8_0)
+            peer = tps.get(llama_label("Q4_0/Q8_0")) or tps.get("llama.cpp Q4_0")
         elif lab.startswith("nanojax fp32"):
             peer = tps.get("llama.cpp F32")
         print(f"| {r['shape']} | {r['batch']} | {lab} | {r['bytes'] / 1e6:.0f} | {r['tps']:.1f} | "
@@ -380,6 +390,12 @@ def main(argv):
 
 
 def main_quant():
+    from nanojax.interop.gguf import WRITE_TYPES
+
+    for ft in FLAGS.llama_types if FLAGS.llama_cpp else []:
+        parts = ft.split("/")
+        if len(parts) > 2 or any(p not in WRITE_TYPES for p in parts):
+            raise app.UsageError(f"--llama_types: {ft!r} is not TYPE or BODY/HEAD, types from {WRITE_TYPES}")
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     rows = []
