@@ -283,9 +283,9 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
             print(f"# llama.cpp rows skipped for {name} batch {batch}: the runner does Llama shapes, batch 1")
         else:
             for ft in FLAGS.llama_types:
-                body, _, head = ft.partition("/")
+                body, head = llama_type(ft)
                 path = os.path.join(tmp.name, f"{name}-{ft.replace('/', '-')}.gguf")
-                write_gguf(params, cfg, path, body, head_qtype=head or None)
+                write_gguf(params, cfg, path, body, head_qtype=head)
                 runner = bq.LlamaCppRunner(path, n_ctx=total + 8, threads=FLAGS.llama_threads,
                                            n_batch=max(FLAGS.prompt_len, 8))
                 variants[llama_label(ft)] = (lambda r=runner: [r.generate(prompts[0], n)],
@@ -308,9 +308,19 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
     return rows
 
 
+def llama_type(ft: str) -> tuple[str, str | None]:
+    """A --llama_types entry, TYPE or BODY/HEAD, as (body type, head type or None)."""
+    from nanojax.interop.gguf import WRITE_TYPES
+
+    parts = ft.split("/")
+    if len(parts) > 2 or any(p not in WRITE_TYPES for p in parts):
+        raise app.UsageError(f"--llama_types: {ft!r} is not TYPE or BODY/HEAD, types from {WRITE_TYPES}")
+    return parts[0], parts[1] if len(parts) == 2 else None
+
+
 def llama_label(ft: str) -> str:
     """A --llama_types entry's row label: "llama.cpp Q4_0", or "llama.cpp Q4_0 (Q8_0 head)"."""
-    body, _, head = ft.partition("/")
+    body, head = llama_type(ft)
     return f"llama.cpp {body}" + (f" ({head} head)" if head else "")
 
 
@@ -390,12 +400,8 @@ def main(argv):
 
 
 def main_quant():
-    from nanojax.interop.gguf import WRITE_TYPES
-
     for ft in FLAGS.llama_types if FLAGS.llama_cpp else []:
-        parts = ft.split("/")
-        if len(parts) > 2 or any(p not in WRITE_TYPES for p in parts):
-            raise app.UsageError(f"--llama_types: {ft!r} is not TYPE or BODY/HEAD, types from {WRITE_TYPES}")
+        llama_type(ft)  # a bad entry stops the run here, before any timing
     load_before = os.getloadavg()[0]
     rng = np.random.default_rng(0)
     rows = []
