@@ -74,8 +74,9 @@ def test_products_match_float64_numpy(gemm, monkeypatch, M, K, N, ta, tb):
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * scale, err_msg=f"threads {threads}")
 
 
-# By rows (M >= N) and by columns; several blocks and one.
-@pytest.mark.parametrize("M,K,N", [(150, 96, 70), (40, 33, 130)])
+# By rows (M >= N) and by columns; several blocks and one; a transposed a with M >= 128 goes by
+# rows even where N > M, each block of 16k rows copied row by row first (oneDNN: gemm.cc's Plan).
+@pytest.mark.parametrize("M,K,N", [(150, 96, 70), (40, 33, 130), (144, 40, 200)])
 def test_bf16_products_sum_in_fp32(bf16_lib, monkeypatch, M, K, N):
     """bf16 operands on each library: every form and thread count against float64 products of
     the same bf16 values (the sums in fp32, so within fp32 rounding of K terms, far inside bf16's
@@ -96,6 +97,23 @@ def test_bf16_products_sum_in_fp32(bf16_lib, monkeypatch, M, K, N):
             assert got16.dtype == jnp.bfloat16
             np.testing.assert_allclose(np.asarray(got16, np.float64), ref, rtol=2.0**-8,
                                        atol=1e-5 * np.abs(ref).max(), err_msg=f"bf16 {ta=} {tb=} {threads=}")
+
+
+def test_bf16_repeated_calls_read_their_own_operands(bf16_lib, monkeypatch):
+    """One product shape called again and again with new operands (and new result buffers): each
+    call's result is its own operands' product. oneDNN's memory objects are made once per thread
+    and shape and only re-pointed at each call's buffers (gemm.cc's Bound)."""
+    M, K, N = 96, 32, 48
+    for threads in ("1", "2"):
+        monkeypatch.setenv("NANOJAX_KERNEL_THREADS", threads)
+        for seed in range(4):
+            for ta in (False, True):
+                a, b = operands(M, K, N, ta, False, seed=10 + seed)
+                a16, b16 = jnp.asarray(a, jnp.bfloat16), jnp.asarray(b, jnp.bfloat16)
+                ref = product64(np.asarray(a16, np.float64), np.asarray(b16, np.float64), ta, False)
+                got = cpu_gemm.gemm(a16, b16, transpose_a=ta, lib=bf16_lib)
+                np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-5 * np.abs(ref).max(),
+                                           err_msg=f"{threads=} {seed=} {ta=}")
 
 
 def test_dense_gradients_through_the_kernel_match_float64(gemm):

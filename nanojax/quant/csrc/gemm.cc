@@ -119,10 +119,20 @@ class OneOmpThread {
   int prev_;
 };
 
+// A block's product as oneDNN runs it. oneDNN 3.2's fast bf16 matmul (brgemm) takes op(a) only as
+// stored row by row; given a^T (the weight gradient x^T @ g) it picks its older gemm kernel
+// (ONEDNN_VERBOSE: gemm:jit:bf16), which ran them slower here and allocates on every call. So a transposed a
+// is first copied row by row into a buffer of the thread's own (a oneDNN reorder), and the matmul
+// reads that (the quickstart's bf16 step: 3% faster, 25 alternating rounds in one process). Only
+// blocks of 16k rows: the tied head's 65-row gradient ran slower copied. `reorder` is null
+// where nothing is copied.
 struct Plan {
   dnnl_primitive_desc_t pd;
   dnnl_primitive_t prim;
   size_t scratch_bytes;
+  dnnl_primitive_desc_t reorder_pd;
+  dnnl_primitive_t reorder;
+  size_t a_bytes;  // the row-major copy of op(a), when `reorder` is set
 };
 using Key = std::tuple<bool, bool, int, int, int, int, int, int, bool>;  // ta, tb, m, n, k, lda, ldb, ldc, c_bf16
 
@@ -132,32 +142,66 @@ const Plan* plan(const Key& key) {
   std::lock_guard<std::mutex> lock(mu);
   if (auto it = plans->find(key); it != plans->end()) return &it->second;
   const auto [ta, tb, m, n, k, lda, ldb, ldc, c_bf16] = key;
-  // op(a) (m, k) and op(b) (k, n) read in place: a transposed operand swaps its strides.
-  const dnnl_dims_t a_dims = {m, k}, a_strides = {ta ? 1 : lda, ta ? lda : 1};
+  const bool copy_a = ta && m % 16 == 0;
+  // op(a) (m, k) and op(b) (k, n) read in place: a transposed operand swaps its strides; the
+  // matmul reads a transposed a from its row-major copy (m, k).
+  const dnnl_dims_t a_dims = {m, k}, a_strides = {ta ? 1 : lda, ta ? lda : 1}, a_rows = {k, 1};
   const dnnl_dims_t b_dims = {k, n}, b_strides = {tb ? 1 : ldb, tb ? ldb : 1};
   const dnnl_dims_t c_dims = {m, n}, c_strides = {ldc, 1};
-  dnnl_memory_desc_t a_md = nullptr, b_md = nullptr, c_md = nullptr;
+  dnnl_memory_desc_t a_md = nullptr, a_copy_md = nullptr, b_md = nullptr, c_md = nullptr;
   dnnl_primitive_attr_t attr = nullptr;
-  dnnl_primitive_desc_t pd = nullptr;
-  dnnl_primitive_t prim = nullptr;
+  Plan pl{};
   bool ok = dnnl_memory_desc_create_with_strides(&a_md, 2, a_dims, dnnl_bf16, a_strides) == dnnl_success &&
+            dnnl_memory_desc_create_with_strides(&a_copy_md, 2, a_dims, dnnl_bf16, a_rows) == dnnl_success &&
             dnnl_memory_desc_create_with_strides(&b_md, 2, b_dims, dnnl_bf16, b_strides) == dnnl_success &&
             dnnl_memory_desc_create_with_strides(&c_md, 2, c_dims, c_bf16 ? dnnl_bf16 : dnnl_f32, c_strides) ==
                 dnnl_success &&
             dnnl_primitive_attr_create(&attr) == dnnl_success &&
             dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user) == dnnl_success &&
-            dnnl_matmul_primitive_desc_create(&pd, engine(), a_md, b_md, nullptr, c_md, attr) == dnnl_success &&
-            dnnl_primitive_create(&prim, pd) == dnnl_success;
-  for (dnnl_memory_desc_t md : {a_md, b_md, c_md})
+            dnnl_matmul_primitive_desc_create(&pl.pd, engine(), copy_a ? a_copy_md : a_md, b_md, nullptr, c_md, attr) ==
+                dnnl_success &&
+            dnnl_primitive_create(&pl.prim, pl.pd) == dnnl_success;
+  if (ok && copy_a) {
+    ok = dnnl_reorder_primitive_desc_create(&pl.reorder_pd, a_md, engine(), a_copy_md, engine(), nullptr) ==
+             dnnl_success &&
+         dnnl_primitive_create(&pl.reorder, pl.reorder_pd) == dnnl_success;
+    pl.a_bytes = dnnl_memory_desc_get_size(a_copy_md);
+  }
+  for (dnnl_memory_desc_t md : {a_md, a_copy_md, b_md, c_md})
     if (md) dnnl_memory_desc_destroy(md);
   if (attr) dnnl_primitive_attr_destroy(attr);
   if (!ok) {
-    if (prim) dnnl_primitive_destroy(prim);
-    if (pd) dnnl_primitive_desc_destroy(pd);
+    for (dnnl_primitive_t pr : {pl.prim, pl.reorder})
+      if (pr) dnnl_primitive_destroy(pr);
+    for (dnnl_primitive_desc_t d : {pl.pd, pl.reorder_pd})
+      if (d) dnnl_primitive_desc_destroy(d);
     return nullptr;
   }
-  const size_t scratch = dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
-  return &plans->emplace(key, Plan{pd, prim, scratch}).first->second;
+  pl.scratch_bytes = dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pl.pd, dnnl_query_scratchpad_md, 0));
+  return &plans->emplace(key, pl).first->second;
+}
+
+// A plan's memory objects on one thread: made on the thread's first call with the plan, then only
+// pointed at each call's buffers. Making them per call cost an aligned malloc each (four a block),
+// and glibc serves aligned blocks under its arena lock, which the other core's blocks wanted too.
+struct Bound {
+  dnnl_memory_t mem[6] = {};  // the matmul's src, weights, dst, scratchpad; the reorder's from, to
+  Bound() = default;
+  Bound(const Bound&) = delete;
+  Bound& operator=(const Bound&) = delete;
+  ~Bound() {
+    for (dnnl_memory_t m : mem)
+      if (m) dnnl_memory_destroy(m);
+  }
+};
+
+// Points memory object `slot` of `bound` (made on first use, of `md`) at `data`.
+bool bind(Bound& bound, int slot, const_dnnl_memory_desc_t md, void* data) {
+  dnnl_memory_t& m = bound.mem[slot];
+  if (m != nullptr) return dnnl_memory_set_data_handle(m, data) == dnnl_success;
+  if (dnnl_memory_create(&m, md, engine(), data) == dnnl_success) return true;
+  m = nullptr;
+  return false;
 }
 
 bool bf16(bool ta, bool tb, int m, int n, int k, const void* a, int lda, const void* b, int ldb, void* c,
@@ -169,34 +213,41 @@ bool bf16(bool ta, bool tb, int m, int n, int k, const void* a, int lda, const v
     }
   };
   thread_local Stream stream;
-  thread_local std::vector<char> scratch;
+  thread_local std::vector<char> scratch, a_copy;
+  thread_local std::map<const Plan*, Bound> bound;
   if (engine() == nullptr) return false;
   OneOmpThread one;
   const Plan* p = plan(Key{ta, tb, m, n, k, lda, ldb, ldc, c_bf16});
   if (p == nullptr) return false;
   if (!stream.s && dnnl_stream_create(&stream.s, engine(), dnnl_stream_default_flags) != dnnl_success) return false;
   if (scratch.size() < p->scratch_bytes) scratch.resize(p->scratch_bytes);
+  if (a_copy.size() < p->a_bytes) a_copy.resize(p->a_bytes);
+  Bound& mem = bound[p];
+  void* src = const_cast<void*>(a);
+  if (p->reorder != nullptr) {
+    if (!bind(mem, 4, dnnl_primitive_desc_query_md(p->reorder_pd, dnnl_query_src_md, 0), src) ||
+        !bind(mem, 5, dnnl_primitive_desc_query_md(p->reorder_pd, dnnl_query_dst_md, 0), a_copy.data()))
+      return false;
+    const dnnl_exec_arg_t args[2] = {{DNNL_ARG_FROM, mem.mem[4]}, {DNNL_ARG_TO, mem.mem[5]}};
+    if (dnnl_primitive_execute(p->reorder, stream.s, 2, args) != dnnl_success) return false;
+    src = a_copy.data();
+  }
   const struct {
     int arg;
     dnnl_query_t query;
     void* data;
-  } bind[] = {{DNNL_ARG_SRC, dnnl_query_src_md, const_cast<void*>(a)},
-              {DNNL_ARG_WEIGHTS, dnnl_query_weights_md, const_cast<void*>(b)},
-              {DNNL_ARG_DST, dnnl_query_dst_md, c},
-              {DNNL_ARG_SCRATCHPAD, dnnl_query_scratchpad_md, scratch.data()}};
+  } args_of[] = {{DNNL_ARG_SRC, dnnl_query_src_md, src},
+                 {DNNL_ARG_WEIGHTS, dnnl_query_weights_md, const_cast<void*>(b)},
+                 {DNNL_ARG_DST, dnnl_query_dst_md, c},
+                 {DNNL_ARG_SCRATCHPAD, dnnl_query_scratchpad_md, scratch.data()}};
   const int nargs = p->scratch_bytes > 0 ? 4 : 3;
   dnnl_exec_arg_t args[4] = {};
-  bool ok = true;
   for (int i = 0; i < nargs; ++i) {
-    args[i].arg = bind[i].arg;
-    ok = ok && dnnl_memory_create(&args[i].memory, dnnl_primitive_desc_query_md(p->pd, bind[i].query, 0),
-                                  engine(), bind[i].data) == dnnl_success;
+    if (!bind(mem, i, dnnl_primitive_desc_query_md(p->pd, args_of[i].query, 0), args_of[i].data)) return false;
+    args[i] = {args_of[i].arg, mem.mem[i]};
   }
-  ok = ok && dnnl_primitive_execute(p->prim, stream.s, nargs, args) == dnnl_success &&
-       dnnl_stream_wait(stream.s) == dnnl_success;
-  for (int i = 0; i < nargs; ++i)
-    if (args[i].memory) dnnl_memory_destroy(args[i].memory);
-  return ok;
+  return dnnl_primitive_execute(p->prim, stream.s, nargs, args) == dnnl_success &&
+         dnnl_stream_wait(stream.s) == dnnl_success;
 }
 
 }  // namespace onednn
@@ -206,8 +257,9 @@ constexpr BlockFn kDnnlBf16 = nullptr;
 #endif
 
 // Cuts c into blocks along its longer side, one per thread (more only cost library calls:
-// measured), and runs `block` on each over the caller and XLA's pool. c is float32, or bfloat16
-// where `block` stores that. `library` names the library in errors: "MKL" or "oneDNN".
+// measured), and runs `block` on each over the caller and XLA's pool. On oneDNN a transposed a of
+// 128 rows or more is cut by rows whatever N: each block then copies only its own rows of a (Plan).
+// c is float32, or bfloat16 where `block` stores that. `library` names the library in errors: "MKL" or "oneDNN".
 template <ffi::DataType T>
 ffi::Error GemmBlocks(ffi::ThreadPool& pool, ffi::Buffer<T>& a, ffi::Buffer<T>& b, ffi::AnyBuffer c,
                       bool transpose_a, bool transpose_b, BlockFn block, const char* library) {
@@ -238,7 +290,7 @@ ffi::Error GemmBlocks(ffi::ThreadPool& pool, ffi::Buffer<T>& a, ffi::Buffer<T>& 
     return ffi::Error::Success();
   }
   const int lda = static_cast<int>(da[1]), ldb = static_cast<int>(db[1]);
-  const bool by_rows = M >= N;
+  const bool by_rows = M >= N || (transpose_a && block == kDnnlBf16 && M >= 2 * kMinRows);
   const int64_t extent = by_rows ? M : N;
   const int64_t threads = nj::kernel_threads(pool);
   int64_t size = (extent + threads - 1) / threads;
