@@ -8,6 +8,11 @@ mmapping and never trimming, turns that into a free-list hit. Must run before JA
 Trimming is off outright, not capped: with a 1 GiB or 2 GiB threshold, GPT-2 124M at 2x256 still
 faulted ~290k pages back in every step (~30% of its step time); with trimming off, none. The cost
 is that the process keeps its peak heap until exit, as a caching allocator does.
+
+One arena, so all threads take one lock: more arenas ran the quickstart step 10-25% faster, but a
+thread on any arena but the first gets a block over its 64 MiB heap from mmap whatever
+M_MMAP_MAX says, and GPT-2 124M faulted ~240k pages back in every step (docs/performance/
+training.md, "bf16 at the quickstart shape"). Kernels should not malloc per call for that reason.
 """
 
 from __future__ import annotations
