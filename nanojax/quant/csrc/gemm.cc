@@ -121,11 +121,11 @@ class OneOmpThread {
 
 // A block's product as oneDNN runs it. oneDNN 3.2's fast bf16 matmul (brgemm) takes op(a) only as
 // stored row by row; given a^T (the weight gradient x^T @ g) it picks its older gemm kernel
-// (ONEDNN_VERBOSE: gemm:jit:bf16), which ran them slower here and allocates on every call. So a transposed a
-// is first copied row by row into a buffer of the thread's own (a oneDNN reorder), and the matmul
-// reads that (the quickstart's bf16 step: 3% faster, 25 alternating rounds in one process). Only
-// blocks of 16k rows: the tied head's 65-row gradient ran slower copied. `reorder` is null
-// where nothing is copied.
+// (ONEDNN_VERBOSE: gemm:jit:bf16), which ran them slower here and allocates on every call. So a
+// transposed a is first copied row by row into a buffer of the thread's own (a oneDNN reorder), and
+// the matmul reads that (the quickstart's bf16 step: 3% faster, 25 alternating rounds in one
+// process). Only blocks of 16k rows: the tied head's 65-row gradient ran slower copied. `reorder`
+// is null where nothing is copied.
 struct Plan {
   dnnl_primitive_desc_t pd;
   dnnl_primitive_t prim;
@@ -158,8 +158,8 @@ const Plan* plan(const Key& key) {
                 dnnl_success &&
             dnnl_primitive_attr_create(&attr) == dnnl_success &&
             dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user) == dnnl_success &&
-            dnnl_matmul_primitive_desc_create(&pl.pd, engine(), copy_a ? a_copy_md : a_md, b_md, nullptr, c_md, attr) ==
-                dnnl_success &&
+            dnnl_matmul_primitive_desc_create(&pl.pd, engine(), copy_a ? a_copy_md : a_md, b_md, nullptr, c_md,
+                                              attr) == dnnl_success &&
             dnnl_primitive_create(&pl.prim, pl.pd) == dnnl_success;
   if (ok && copy_a) {
     ok = dnnl_reorder_primitive_desc_create(&pl.reorder_pd, a_md, engine(), a_copy_md, engine(), nullptr) ==
@@ -259,7 +259,8 @@ constexpr BlockFn kDnnlBf16 = nullptr;
 // Cuts c into blocks along its longer side, one per thread (more only cost library calls:
 // measured), and runs `block` on each over the caller and XLA's pool. On oneDNN a transposed a of
 // 128 rows or more is cut by rows whatever N: each block then copies only its own rows of a (Plan).
-// c is float32, or bfloat16 where `block` stores that. `library` names the library in errors: "MKL" or "oneDNN".
+// c is float32, or bfloat16 where `block` stores that. `library` names the library in errors:
+// "MKL" or "oneDNN".
 template <ffi::DataType T>
 ffi::Error GemmBlocks(ffi::ThreadPool& pool, ffi::Buffer<T>& a, ffi::Buffer<T>& b, ffi::AnyBuffer c,
                       bool transpose_a, bool transpose_b, BlockFn block, const char* library) {
