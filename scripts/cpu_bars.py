@@ -18,9 +18,14 @@ Files in --dir: train_quickstart.json and train_gpt2.json (`bench_train.py --jso
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nanojax.metrics import read_metrics  # noqa: E402
 
 flags.DEFINE_string("dir", "out/bench_cpu", "The folder scripts/bench_cpu.sh wrote.")
 FLAGS = flags.FLAGS
@@ -44,12 +49,8 @@ def _final_full_loss(metrics: Path) -> float | None:
     """The last `val_loss_full` a run's metrics.jsonl recorded (None if it has none)."""
     if not metrics.is_file():
         return None
-    last = None
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "val_loss_full" in rec:
-            last = rec["val_loss_full"]
-    return last
+    full = [rec["val_loss_full"] for rec in read_metrics(metrics) if "val_loss_full" in rec]
+    return full[-1] if full else None
 
 
 def native_bf16(cpu_line: str) -> bool:
