@@ -44,13 +44,13 @@ if "$py" -c "import llama_cpp" 2>/dev/null; then
 else
   echo "no llama-cpp-python (pip install -e '.[bench]'): the decode row will say not measured"
 fi
-if [ "${QUALITY:-1}" != "0" ] && [ ! -f "$data/meta.json" ]; then  # as `make data` prepares it
-  src=(--url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
-  [ -n "${SHAKESPEARE:-}" ] && src=(--input="$SHAKESPEARE")
-  "$py" scripts/prepare_data.py "${src[@]}" --tokenizer=char --out_dir="$data" 2>&1 | quiet | tail -2 \
-    || echo "no Shakespeare data in $data (offline? SHAKESPEARE=path/to/input.txt)"
-fi
 if [ "${QUALITY:-1}" != "0" ]; then
+  if [ ! -f "$data/meta.json" ]; then  # as `make data` prepares it
+    src=(--url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
+    [ -n "${SHAKESPEARE:-}" ] && src=(--input="$SHAKESPEARE")
+    "$py" scripts/prepare_data.py "${src[@]}" --tokenizer=char --out_dir="$data" 2>&1 | quiet | tail -2 \
+      || echo "no Shakespeare data in $data (offline? SHAKESPEARE=path/to/input.txt)"
+  fi
   for dtype in float32 bfloat16; do
     "$py" scripts/train.py --config=configs/shakespeare_char_cpu.py --workdir="$out/quality_$dtype" \
       --config.data_dir="$data" --config.model.dtype=$dtype > "$out/quality_$dtype.log" 2>&1
