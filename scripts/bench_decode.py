@@ -288,8 +288,8 @@ def run_quant_case(name: str, batch: int, rng: np.random.Generator) -> list[dict
                 write_gguf(params, cfg, path, body, head_qtype=head)
                 runner = bq.LlamaCppRunner(path, n_ctx=total + 8, threads=FLAGS.llama_threads,
                                            n_batch=max(FLAGS.prompt_len, 8))
-                variants[llama_label(ft)] = (lambda r=runner: [r.generate(prompts[0], n)],
-                                             os.path.getsize(path))
+                variants[llama_label(body, head)] = (lambda r=runner: [r.generate(prompts[0], n)],
+                                                     os.path.getsize(path))
     outs = {k: run() for k, (run, _) in variants.items()}  # warm-up: compiles / loads
     times = {k: [] for k in variants}
     for _ in range(FLAGS.repeats):
@@ -318,9 +318,9 @@ def llama_type(ft: str) -> tuple[str, str | None]:
     return parts[0], parts[1] if len(parts) == 2 else None
 
 
-def llama_label(ft: str) -> str:
-    """A --llama_types entry's row label: "llama.cpp Q4_0", or "llama.cpp Q4_0 (Q8_0 head)"."""
-    body, head = llama_type(ft)
+def llama_label(body: str, head: str | None = None) -> str:
+    """The row label of a --llama_types entry (llama_type's parts): "llama.cpp Q4_0", or
+    "llama.cpp Q4_0 (Q8_0 head)"."""
     return f"llama.cpp {body}" + (f" ({head} head)" if head else "")
 
 
@@ -337,7 +337,7 @@ def print_quant_table(rows: list[dict]) -> None:
         if lab.startswith("nanojax int8"):
             peer = tps.get("llama.cpp Q8_0")
         elif lab.startswith("nanojax int4"):  # the same head width where that row ran (int8 vs Q8_0)
-            peer = tps.get(llama_label("Q4_0/Q8_0")) or tps.get("llama.cpp Q4_0")
+            peer = tps.get(llama_label("Q4_0", "Q8_0")) or tps.get("llama.cpp Q4_0")
         elif lab.startswith("nanojax fp32"):
             peer = tps.get("llama.cpp F32")
         print(f"| {r['shape']} | {r['batch']} | {lab} | {r['bytes'] / 1e6:.0f} | {r['tps']:.1f} | "
