@@ -56,6 +56,7 @@ namespace {
 
 constexpr int64_t kRows = 32;  // query rows per block
 constexpr int64_t kMR = 4;     // rows per register tile
+constexpr int64_t kPrefetchRows = 128;  // k and v rows a backward unit prefetches before packing them
 
 int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
 
@@ -245,6 +246,38 @@ __attribute__((target("avx512f,fma"))) float dot_avx512(const float* a, const fl
   return _mm512_reduce_add_ps(acc);
 }
 
+// xt (H, npad) = x[0:n, 0:H]^T (x's rows xs floats apart), zero on columns [n, npad); npad a multiple of
+// 16, H of 16. Each 16 x 16 block is transposed in registers: rows interleaved in pairs, then 4 x 4
+// blocks within each 128-bit lane, then the lanes themselves.
+__attribute__((target("avx512f"))) void pack_avx512(const float* x, int64_t xs, int64_t n, int64_t H, int64_t npad,
+                                                    float* xt) {
+  for (int64_t s0 = 0; s0 < npad; s0 += 16) {
+    for (int64_t h0 = 0; h0 < H; h0 += 16) {
+      __m512 a[16], c[16];
+      for (int r = 0; r < 16; ++r)
+        a[r] = s0 + r < n ? _mm512_loadu_ps(x + (s0 + r) * xs + h0) : _mm512_setzero_ps();
+      for (int r = 0; r < 16; r += 4) {  // c[r + j], lane L: column 4L + j of rows r .. r + 3
+        const __m512 lo01 = _mm512_unpacklo_ps(a[r], a[r + 1]), hi01 = _mm512_unpackhi_ps(a[r], a[r + 1]);
+        const __m512 lo23 = _mm512_unpacklo_ps(a[r + 2], a[r + 3]), hi23 = _mm512_unpackhi_ps(a[r + 2], a[r + 3]);
+        c[r] = _mm512_shuffle_ps(lo01, lo23, 0x44);
+        c[r + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
+        c[r + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
+        c[r + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
+      }
+      for (int j = 0; j < 4; ++j) {  // column 4L + j: lane L of c[j], c[4 + j], c[8 + j], c[12 + j]
+        const __m512 d0 = _mm512_shuffle_f32x4(c[j], c[4 + j], 0x44), d1 = _mm512_shuffle_f32x4(c[j], c[4 + j], 0xEE);
+        const __m512 d2 = _mm512_shuffle_f32x4(c[8 + j], c[12 + j], 0x44);
+        const __m512 d3 = _mm512_shuffle_f32x4(c[8 + j], c[12 + j], 0xEE);
+        float* out = xt + (h0 + j) * npad + s0;
+        _mm512_storeu_ps(out, _mm512_shuffle_f32x4(d0, d2, 0x88));
+        _mm512_storeu_ps(out + 4 * npad, _mm512_shuffle_f32x4(d0, d2, 0xDD));
+        _mm512_storeu_ps(out + 8 * npad, _mm512_shuffle_f32x4(d1, d3, 0x88));
+        _mm512_storeu_ps(out + 12 * npad, _mm512_shuffle_f32x4(d1, d3, 0xDD));
+      }
+    }
+  }
+}
+
 __attribute__((target("avx512f,fma"))) double exp_max_ulp_avx512(float lo, float hi, int64_t n) {
   double worst = 0.0;
   float xs[16], ys[16];
@@ -308,6 +341,12 @@ void grad_row_scalar(float* s, float* dp, int64_t valid, int64_t npad, float lse
   }
 }
 
+void pack_scalar(const float* x, int64_t xs, int64_t n, int64_t H, int64_t npad, float* xt) {
+  std::fill(xt, xt + H * npad, 0.0f);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t h = 0; h < H; ++h) xt[h * npad + s] = x[s * xs + h];
+}
+
 float dot_scalar(const float* a, const float* b, int64_t H) {
   float acc = 0.0f;
   for (int64_t h = 0; h < H; ++h) acc = std::fmaf(a[h], b[h], acc);
@@ -323,11 +362,12 @@ struct Ops {
   decltype(&softmax_row_scalar) softmax_row;
   decltype(&grad_row_scalar) grad_row;
   decltype(&dot_scalar) dot;
+  decltype(&pack_scalar) pack;
 };
 
 Ops ops_for(int64_t H) {
-  if (use_avx512(H)) return {nt_avx512, nn_avx512, softmax_row_avx512, grad_row_avx512, dot_avx512};
-  return {nt_scalar, nn_scalar, softmax_row_scalar, grad_row_scalar, dot_scalar};
+  if (use_avx512(H)) return {nt_avx512, nn_avx512, softmax_row_avx512, grad_row_avx512, dot_avx512, pack_avx512};
+  return {nt_scalar, nn_scalar, softmax_row_scalar, grad_row_scalar, dot_scalar, pack_scalar};
 }
 
 struct Shape {
@@ -341,11 +381,16 @@ struct Shape {
 };
 
 // kt (H, npad) = k[b, 0:n, kh]^T, zero-padded to npad columns.
-void pack_transposed(const Shape& sh, const float* k, int64_t b, int64_t kh, int64_t n, int64_t npad, float* kt) {
-  std::fill(kt, kt + sh.H * npad, 0.0f);
-  for (int64_t s = 0; s < n; ++s) {
-    const float* row = sh.head(k, b, sh.K, kh, s);
-    for (int64_t h = 0; h < sh.H; ++h) kt[h * npad + s] = row[h];
+void pack_transposed(const Ops& op, const Shape& sh, const float* k, int64_t b, int64_t kh, int64_t n, int64_t npad,
+                     float* kt) {
+  op.pack(sh.head(k, b, sh.K, kh, 0), sh.krow(), n, sh.H, npad, kt);
+}
+
+// Asks for rows t0 .. t0 + rows - 1 of head n of x (heads per row), H floats each, to be brought into L1.
+void prefetch_rows(const Shape& sh, const float* x, int64_t heads, int64_t b, int64_t n, int64_t t0, int64_t rows) {
+  for (int64_t t = t0; t < t0 + rows; ++t) {
+    const char* row = reinterpret_cast<const char*>(sh.head(x, b, heads, n, t));
+    for (int64_t byte = 0; byte < sh.H * 4; byte += 64) _mm_prefetch(row + byte, _MM_HINT_T0);
   }
 }
 
@@ -363,7 +408,7 @@ void forward_unit(const Ops& op, const Shape& sh, const float* q, const float* k
   const float scale = 1.0f / std::sqrt(static_cast<float>(H));
   w.kt.resize(H * kpad);
   w.s.resize(kRows * kpad);
-  pack_transposed(sh, k, b, kh, std::min(sh.T, (last + 1) * kRows), kpad, w.kt.data());
+  pack_transposed(op, sh, k, b, kh, std::min(sh.T, (last + 1) * kRows), kpad, w.kt.data());
   float* s = w.s.data();
   for (int64_t blk = last; blk >= 0 && blk >= c; blk -= stride) {
     const int64_t t0 = blk * kRows, t1 = std::min(sh.T, t0 + kRows), M = t1 - t0, npad = round16(t1);
@@ -398,8 +443,19 @@ void backward_unit(const Ops& op, const Shape& sh, const float* q, const float* 
   w.dp.resize(kRows * tpad);
   w.dk.assign(T * H, 0.0f);
   w.dv.assign(T * H, 0.0f);
-  pack_transposed(sh, k, b, kh, T, tpad, w.kt.data());
-  pack_transposed(sh, v, b, kh, T, tpad, w.vt.data());
+  // The forward's q, k, v, o are long out of cache by now: ask for k and v's first rows and the first
+  // block's q, dO, O rows together (their misses overlap instead of stalling the loops one by one),
+  // and in each block for the next block's (docs/performance/training.md, the attention backward).
+  const int64_t kv_rows = std::min(T, kPrefetchRows);
+  prefetch_rows(sh, k, sh.K, b, kh, 0, kv_rows);
+  prefetch_rows(sh, v, sh.K, b, kh, 0, kv_rows);
+  const auto prefetch_block = [&](int64_t n, int64_t t0) {
+    const int64_t rows = std::min(T, t0 + kRows) - t0;
+    for (const float* x : {q, dout, o}) prefetch_rows(sh, x, sh.N, b, n, t0, rows);
+  };
+  prefetch_block(kh * sh.G(), 0);
+  pack_transposed(op, sh, k, b, kh, T, tpad, w.kt.data());
+  pack_transposed(op, sh, v, b, kh, T, tpad, w.vt.data());
   float* s = w.s.data();
   float* dp = w.dp.data();
   for (int64_t g = 0; g < sh.G(); ++g) {
@@ -408,6 +464,8 @@ void backward_unit(const Ops& op, const Shape& sh, const float* q, const float* 
       const int64_t t1 = std::min(T, t0 + kRows), M = t1 - t0, npad = round16(t1);
       const float* qb = sh.head(q, b, sh.N, n, t0);
       const float* dob = sh.head(dout, b, sh.N, n, t0);
+      if (t1 < T) prefetch_block(n, t1);
+      else if (g + 1 < sh.G()) prefetch_block(n + 1, 0);
       op.nt(qb, sh.qrow(), M, w.kt.data(), tpad, H, npad, t0, scale, s, npad);
       op.nt(dob, sh.qrow(), M, w.vt.data(), tpad, H, npad, t0, 1.0f, dp, npad);
       for (int64_t i = 0; i < M; ++i) {
