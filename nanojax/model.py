@@ -144,7 +144,15 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
 
 
 def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """LayerNorm or RMSNorm over the last axis, computed in float32. x: (M, D)."""
+    """LayerNorm or RMSNorm over the last axis, computed in float32. x: (M, D) -> x's dtype.
+
+    A training or prefill batch on the CPU runs the fused kernel (nanojax.kernels.cpu_norm:
+    the same numbers to fp32 rounding) where `cpu_norm.use_kernel` says so; otherwise XLA."""
+    from nanojax.kernels import cpu_norm  # imports nanojax.dense, which imports this module
+
+    if cpu_norm.use_kernel(x):
+        return cpu_norm.layer_norm(x, p["scale"], p.get("bias"), rms=cfg.norm == "rmsnorm", eps=cfg.norm_eps,
+                                   out_dtype=x.dtype)
     xf = x.astype(jnp.float32)
     if cfg.norm == "rmsnorm":
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)

@@ -145,7 +145,9 @@ def test_every_cached_step_equals_a_full_forward(cfg, monkeypatch):
     full = _full_logits(params, cfg, PROMPTS, out)
     for toks, lg, ref in zip(out, logits, full, strict=True):
         assert len(toks) == 40 and lg.shape == (40, 97)
-        np.testing.assert_allclose(lg, ref, atol=1e-5, rtol=1e-5)
+        # atol 2e-5: the full forward's norms run on the CPU norm kernel (its own fp32 sum order),
+        # a decode step's on XLA's fusion; init_std 0.2 carries that rounding to ~1e-5 in a logit.
+        np.testing.assert_allclose(lg, ref, atol=2e-5, rtol=1e-5)
         assert toks == np.argmax(lg, -1).tolist()
 
 

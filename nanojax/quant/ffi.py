@@ -40,7 +40,7 @@ from nanojax.quant import arrays as _layout
 from nanojax.quant import blas
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "fattn.cc", "adamw.cc", "gemm.cc", "parallel.h",
+SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "fattn.cc", "adamw.cc", "gemm.cc", "norm.cc", "parallel.h",
            "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 # The fp32 kernel beats XLA's dot up to 32 rows (the serving engine's 8-32 slots; docs/performance/decode.md).
@@ -62,6 +62,8 @@ GEMM_BF16_DNNL_TARGET = "nanojax_onednn_gemm_bf16"  # the bf16 product on oneDNN
 # csrc/fattn.cc: causal training attention, forward and backward (nanojax.kernels.cpu_attention)
 _TRAIN_ATTN_TARGETS = {"nanojax_causal_attention_fwd": "NjCausalAttentionFwd",
                        "nanojax_causal_attention_bwd": "NjCausalAttentionBwd"}
+# csrc/norm.cc: LayerNorm / RMSNorm for training, forward and backward (nanojax.kernels.cpu_norm)
+_NORM_TARGETS = {"nanojax_norm_fwd": "NjNormFwd", "nanojax_norm_bwd": "NjNormBwd"}
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "why": str, "bits": int, once loaded
@@ -189,11 +191,13 @@ def _load() -> bool:
                 for target, fn in ((GEMM_TARGET, lib.NjGemm), (GEMM_BF16_TARGET, lib.NjGemmBf16),
                                    (GEMM_BF16_DNNL_TARGET, lib.NjGemmBf16Dnnl)):
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(fn), platform="cpu")
-                for target, fn in _TRAIN_ATTN_TARGETS.items():  # csrc/fattn.cc, kernels/cpu_attention.py
+                for target, fn in (*_TRAIN_ATTN_TARGETS.items(), *_NORM_TARGETS.items()):
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, fn)), platform="cpu")
                 lib.nj_attn_vector_bits.restype = ctypes.c_int
                 lib.nj_adamw_vector_bits.restype = ctypes.c_int
                 lib.nj_attn_vector_bits.argtypes = [ctypes.c_int64]
+                lib.nj_norm_vector_bits.restype = ctypes.c_int
+                lib.nj_norm_vector_bits.argtypes = [ctypes.c_int64]
                 lib.nj_quant_vector_bits.restype = ctypes.c_int
                 lib.nj_fp32_vector_bits.restype = ctypes.c_int
                 bits = lib.nj_quant_vector_bits()
