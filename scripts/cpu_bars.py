@@ -12,7 +12,9 @@ measured) rather than guessing. The goals are the speed issue's:
     nanojax's own fp32, and its whole-split val loss within 1% of fp32's.
 Files in --dir: train_quickstart.json and train_gpt2.json (`bench_train.py --json`), decode.json
 (`bench_decode.py --json`), quality_float32/metrics.jsonl and quality_bfloat16/metrics.jsonl
-(`scripts/train.py` runs of the quickstart config).
+(`scripts/train.py` runs of the quickstart config). A bf16 row reads train_<shape>_bf16.json where
+there is one (a `--bf16_ab` run with nanojax's two sides only), else the shape's own file's
+"nanojax bf16" side.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ def bars(folder: Path) -> tuple[list[tuple[str, str, str, str, str, str]], list[
     for key, name in (("quickstart", "quickstart shape"), ("gpt2", "GPT-2 124M")):
         label = f"bf16 vs fp32 training, {name}"
         ms = train.get(key, {})
+        own = _load(folder / TRAIN_GOALS[key][0].replace(".json", "_bf16.json"))
+        if own:  # nanojax's fp32 and bf16 alone in their process
+            ms = own.get("ms_per_step", {}).get(TRAIN_GOALS[key][1], {})
         if cpus and not bf16_here:
             rows.append((label, "-", "-", "-", f">= {BF16_GOAL}x", "n/a: no native bf16 on this CPU"))
         elif "nanojax bf16" in ms:

@@ -78,3 +78,17 @@ def test_the_bf16_row_stands_without_the_baseline(tmp_path):
     rows, _ = cpu_bars.bars(tmp_path)
     assert _row(rows, "fp32 training, quickstart")[5].startswith("not measured")  # no nanoGPT side
     assert _row(rows, "bf16 vs fp32 training, quickstart")[3:] == ("1.50x", ">= 1.5x", "yes")
+
+
+def test_a_bf16_run_of_its_own_is_preferred(tmp_path):
+    """train_quickstart_bf16.json (nanojax's two sides alone) gives the quickstart's bf16 row; the
+    nanoGPT run's file still gives the fp32 row, and GPT-2's bf16 row its own file's side."""
+    _write(tmp_path, ZEN5, {"nanojax": 20.0, "nanojax bf16": 14.0, "nanoGPT (torch eager)": 36.0},
+           {"nanojax": 1000.0, "nanojax bf16": 640.0, "torch eager": 1500.0}, None, None)
+    (tmp_path / "train_quickstart_bf16.json").write_text(json.dumps(
+        {"cpu": ZEN5, "ms_per_step": {"shakespeare": {"nanojax": 18.0, "nanojax bf16": 11.25}}}))
+    rows, _ = cpu_bars.bars(tmp_path)
+    assert _row(rows, "fp32 training, quickstart")[3] == "1.80x"
+    assert _row(rows, "bf16 vs fp32 training, quickstart")[1:4] == ("11.2 ms/step", "18.0 ms/step (fp32)",
+                                                                     "1.60x")
+    assert _row(rows, "bf16 vs fp32 training, GPT-2")[3] == "1.56x"
