@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The speed issue's CPU bars in one run (6 min on a 2-core Zen 5), each side by side in one process,
+# The speed issue's CPU bars in one run (8 min on a 2-core Zen 5), each side by side in one process,
 # then one table of them (scripts/cpu_bars.py):
 #   1. The fp32 training step at the quickstart shape against nanoGPT as shipped (its own checkout,
 #      the second argument or NANOGPT_DIR; without one that row says not measured); then nanojax's
 #      bf16 step against its fp32 one in a process of their own (with nanoGPT's side in the same
 #      process the bf16 ratio came out 5-9% lower: docs/performance/training.md, "The norms").
-#   2. fp32 and bf16 training steps at GPT-2 124M, against PyTorch eager (HF GPT2LMHeadModel).
+#   2. The fp32 training step at GPT-2 124M against PyTorch eager (HF GPT2LMHeadModel); then the
+#      bf16 step against fp32 in a process of their own, as in 1.
 #   3. fp32 decode, llama-134m at batch 1, against llama.cpp F32 (llama-cpp-python: the `bench`
 #      extra; without it that row says not measured).
 #   4. The quickstart trained in fp32 and in bf16, 2000 steps each: whole-split val losses
@@ -42,8 +43,10 @@ if [ ${#ng[@]} -gt 0 ]; then
 fi
 "$py" scripts/bench_train.py --shapes=shakespeare --nobias --notorch --bf16_ab --rounds=9 \
   --json="$out/train_quickstart_bf16.json" 2>&1 | quiet | tee "$out/train_quickstart_bf16.txt"
-"$py" scripts/bench_train.py --shapes=gpt2 --bf16_ab --rounds=5 --json="$out/train_gpt2.json" 2>&1 \
+"$py" scripts/bench_train.py --shapes=gpt2 --rounds=5 --json="$out/train_gpt2.json" 2>&1 \
   | quiet | tee "$out/train_gpt2.txt"
+"$py" scripts/bench_train.py --shapes=gpt2 --notorch --bf16_ab --rounds=5 --json="$out/train_gpt2_bf16.json" \
+  2>&1 | quiet | tee "$out/train_gpt2_bf16.txt"
 if "$py" -c "import llama_cpp" 2>/dev/null; then
   "$py" scripts/bench_decode.py --shapes=llama-134m --batches=1 --llama_cpp --llama_types=F32 --no_hf \
     --repeats=7 --json="$out/decode.json" 2>&1 | quiet | tee "$out/decode.txt"
