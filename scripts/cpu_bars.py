@@ -104,6 +104,8 @@ def bars(folder: Path) -> tuple[list[tuple[str, str, str, str, str, str]], list[
         own = _load(folder / TRAIN_GOALS[key][0].replace(".json", "_bf16.json"))
         if own:  # nanojax's fp32 and bf16 alone in their process
             ms = own.get("ms_per_step", {}).get(TRAIN_GOALS[key][1], {})
+            cpus.append(own["cpu"])
+            bf16_here = native_bf16(cpus[0])
         if cpus and not bf16_here:
             rows.append((label, "-", "-", "-", f">= {BF16_GOAL}x", "n/a: no native bf16 on this CPU"))
         elif "nanojax bf16" in ms:

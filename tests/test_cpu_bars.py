@@ -92,3 +92,13 @@ def test_a_bf16_run_of_its_own_is_preferred(tmp_path):
     assert _row(rows, "bf16 vs fp32 training, quickstart")[1:4] == ("11.2 ms/step", "18.0 ms/step (fp32)",
                                                                      "1.60x")
     assert _row(rows, "bf16 vs fp32 training, GPT-2")[3] == "1.56x"
+
+
+def test_a_bf16_run_alone_still_gives_its_row(tmp_path):
+    """Only the bf16 run's file (no nanoGPT checkout, no torch run): its row, the CPU line from it."""
+    (tmp_path / "train_quickstart_bf16.json").write_text(json.dumps(
+        {"cpu": ZEN5, "ms_per_step": {"shakespeare": {"nanojax": 16.0, "nanojax bf16": 10.0}}}))
+    rows, cpus = cpu_bars.bars(tmp_path)
+    assert cpus == [ZEN5]
+    assert _row(rows, "bf16 vs fp32 training, quickstart")[3:] == ("1.60x", ">= 1.5x", "yes")
+    assert _row(rows, "fp32 training, quickstart")[5].startswith("not measured")
