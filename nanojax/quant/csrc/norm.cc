@@ -43,7 +43,8 @@ constexpr int64_t kUnitRows = 64;  // rows per unit of work
 bool use_avx512(int64_t D) {
   const char* cap = std::getenv("NANOJAX_KERNEL_ISA");
   if (cap != nullptr && (std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0)) return false;
-  return D % 16 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
+  return D % 16 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("fma");
 }
 
 // float -> bfloat16 bits, rounded to nearest even (XLA's convert), NaN kept a (quiet) NaN.
