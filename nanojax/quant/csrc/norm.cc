@@ -19,8 +19,9 @@
 // Threads: the rows are cut into units of kUnitRows, claimed by the caller and XLA's intra-op pool
 // (parallel.h). Each unit sums its own rows' dscale and dbias; the caller adds the units' sums in unit
 // order, so the result does not depend on the thread count or on which thread ran which unit.
-// ISA: AVX-512 loops for D a multiple of 16 (picked at run time; NANOJAX_KERNEL_ISA=scalar forces the
-// scalar loops, which exist for tests and odd widths: Python routes only D % 16 == 0 with AVX-512 here).
+// ISA: AVX-512 loops (F, BW) for D a multiple of 16 (picked at run time; NANOJAX_KERNEL_ISA=scalar
+// forces the scalar loops, which exist for tests and odd widths: Python routes only D % 16 == 0 with
+// AVX-512 here).
 
 #include <immintrin.h>
 
