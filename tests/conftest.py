@@ -43,6 +43,45 @@ def np_params(cfg, seed: int):
     return jax.tree.map(make, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
+def fresh_hlo(fn, *args) -> str:
+    """The lowered module of fn, traced afresh (a new function each time: the CPU kernels' routing
+    reads a context variable and the environment, which jit's trace cache does not key on)."""
+    import jax
+
+    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
+
+
+def assert_kernel_step_equals_xla(cfg, fwd: str, bwd: str, kernel_off) -> None:
+    """One-layer training loss and gradients for cfg (2 x 37 tokens) with a CPU kernel's custom
+    calls `fwd` and `bwd` in the step, against the same step traced inside `kernel_off()` (the
+    kernel's switch set to False), where neither may appear."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nanojax.train.step import loss_fn
+
+    params = np_params(cfg, 0)
+    x = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
+    y = jnp.roll(x, -1, axis=1)
+
+    def run():
+        lowered = jax.jit(lambda p: jax.value_and_grad(loss_fn)(p, x, y, cfg)).lower(params)
+        text = lowered.as_text()
+        return (fwd in text, bwd in text), lowered.compile()(params)
+
+    used, (loss, grads) = run()
+    assert used == (True, True)
+    with kernel_off():
+        used, (loss_x, grads_x) = run()
+    assert used == (False, False)
+    np.testing.assert_allclose(float(loss), float(loss_x), rtol=1e-6)
+    flat_x = dict(jax.tree_util.tree_leaves_with_path(grads_x))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(flat_x[path]), rtol=1e-4, atol=1e-6,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
     """Tiny Shakespeare from $NANOJAX_TEST_TEXT; tests that need real text skip without it."""

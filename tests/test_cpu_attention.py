@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import np_params
+from conftest import assert_kernel_step_equals_xla
+from conftest import fresh_hlo as hlo
 
 import nanojax as nj
 from nanojax import attention as attn_mod
@@ -93,12 +94,6 @@ def test_single_rows_and_extreme_scores(kernels):
     np.testing.assert_allclose(np.asarray(vjp(dout)[2]), grads_ref[2], rtol=1e-4, atol=1e-4)
 
 
-def hlo(fn, *args) -> str:
-    """The lowered module of fn, traced afresh (a new function each time: the routing reads a
-    context variable and the environment, which jit's trace cache does not key on)."""
-    return jax.jit(lambda *a: fn(*a)).lower(*args).as_text()
-
-
 def test_auto_routes_causal_self_attention_only(kernels, monkeypatch):
     if not ca.available(32):
         pytest.skip("no AVX-512 on this CPU")
@@ -159,26 +154,6 @@ def test_training_loss_and_grads_equal_the_xla_path(kernels):
     the kernel inside lax.scan and jax.checkpoint, against the same step with XLA's attention."""
     if not ca.available(16):
         pytest.skip("no AVX-512 on this CPU")
-    from nanojax.train.step import loss_fn
-
     cfg = nj.ModelConfig.preset("llama-tiny", vocab_size=61, max_seq_len=40, d_ff=64, n_layer=1, remat="full",
                                 scan_layers=True)
-    params = np_params(cfg, 0)
-    x = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
-    y = jnp.roll(x, -1, axis=1)
-
-    def run():
-        lowered = jax.jit(lambda p: jax.value_and_grad(loss_fn)(p, x, y, cfg)).lower(params)
-        text = lowered.as_text()
-        return (FWD in text, BWD in text), lowered.compile()(params)
-
-    used, (loss, grads) = run()
-    assert used == (True, True)
-    with ca.train_attention_kernel(False):
-        used, (loss_x, grads_x) = run()
-    assert used == (False, False)
-    np.testing.assert_allclose(float(loss), float(loss_x), rtol=1e-6)
-    flat_x = dict(jax.tree_util.tree_leaves_with_path(grads_x))
-    for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(flat_x[path]), rtol=1e-4, atol=1e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_kernel_step_equals_xla(cfg, FWD, BWD, lambda: ca.train_attention_kernel(False))
