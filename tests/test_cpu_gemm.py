@@ -75,8 +75,10 @@ def test_products_match_float64_numpy(gemm, monkeypatch, M, K, N, ta, tb):
 
 
 # By rows (M >= N) and by columns; several blocks and one; a transposed a with M >= 128 goes by
-# rows even where N > M, each block of 16k rows copied row by row first (oneDNN: gemm.cc's Plan).
-@pytest.mark.parametrize("M,K,N", [(150, 96, 70), (40, 33, 130), (144, 40, 200)])
+# rows even where N > M, each block of 16k rows copied row by row first (oneDNN: gemm.cc's Plan,
+# transpose_bf16: tiles of 32 rows of a by 16 columns, then the ragged rows; K = 20 has no tile).
+@pytest.mark.parametrize("M,K,N", [(150, 96, 70), (40, 33, 130), (144, 40, 200), (256, 70, 48),
+                                   (160, 20, 300)])
 def test_bf16_products_sum_in_fp32(bf16_lib, monkeypatch, M, K, N):
     """bf16 operands on each library: every form and thread count against float64 products of
     the same bf16 values (the sums in fp32, so within fp32 rounding of K terms, far inside bf16's
