@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SHAKESPEARE ?=
-SHAKESPEARE_URL ?= https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+# Empty: prepare_data.py's own Tiny Shakespeare URL.
+SHAKESPEARE_URL ?=
 DATA ?= data/shakespeare_char
 WORKDIR ?= out/shakespeare_char_cpu
 PYTEST_ARGS ?= -n 2
@@ -35,7 +36,8 @@ data: install
 	elif [ -n "$(SHAKESPEARE)" ]; then \
 	  $(PY) scripts/prepare_data.py --input=$(SHAKESPEARE) --tokenizer=char --out_dir=$(DATA); \
 	else \
-	  $(PY) scripts/prepare_data.py --url=$(SHAKESPEARE_URL) --tokenizer=char --out_dir=$(DATA) || { \
+	  $(PY) scripts/prepare_data.py $(if $(SHAKESPEARE_URL),--url=$(SHAKESPEARE_URL)) --tokenizer=char \
+	    --out_dir=$(DATA) || { \
 	    echo "Could not download Tiny Shakespeare. Offline? Pass a local copy:"; \
 	    echo "  make quickstart SHAKESPEARE=path/to/input.txt"; exit 1; }; \
 	fi

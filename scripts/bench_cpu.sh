@@ -55,7 +55,7 @@ else
 fi
 if [ "${QUALITY:-1}" != "0" ]; then
   if [ ! -f "$data/meta.json" ]; then  # as `make data` prepares it
-    src=(--url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
+    src=()  # prepare_data.py's Tiny Shakespeare URL
     [ -n "${SHAKESPEARE:-}" ] && src=(--input="$SHAKESPEARE")
     "$py" scripts/prepare_data.py "${src[@]}" --tokenizer=char --out_dir="$data" 2>&1 | quiet | tail -2 \
       || echo "no Shakespeare data in $data (offline? SHAKESPEARE=path/to/input.txt)"

@@ -2,6 +2,10 @@
 
     python scripts/prepare_data.py --input=input.txt --tokenizer=char --out_dir=data/shakespeare_char
     python scripts/prepare_data.py --url=https://... --tokenizer=bpe --vocab_size=4096 --out_dir=data/x
+    python scripts/prepare_data.py --out_dir=data/shakespeare_char   # Tiny Shakespeare, downloaded
+
+With neither --input nor --url the text is Tiny Shakespeare from TINY_SHAKESPEARE_URL (what `make
+data` and scripts/bench_cpu.sh prepare).
 
 --out_dir must be new or empty; --overwrite replaces it whole once the new files are written. The
 input must be UTF-8 text (a binary file is refused, naming the byte offset).
@@ -26,7 +30,8 @@ CACHE = "input.txt"  # a downloaded --url text, kept in out_dir
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "A local UTF-8 text file.")
-flags.DEFINE_string("url", None, "Download the text from here (cached as out_dir/input.txt).")
+flags.DEFINE_string("url", None, "Download the text from here (cached as out_dir/input.txt); with neither "
+                    "--input nor --url, Tiny Shakespeare.")
 flags.DEFINE_enum("tokenizer", "char", ["char", "bpe", "file"], "char, byte-level BPE, or --tokenizer_file.")
 flags.DEFINE_string("tokenizer_file", None, "An existing tokenizer.json (with --tokenizer=file).")
 flags.DEFINE_integer("vocab_size", 4096, "BPE vocabulary size (> 256: the byte alphabet comes first).")
@@ -57,8 +62,10 @@ def read_text() -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-    if bool(FLAGS.input) == bool(FLAGS.url):
-        raise app.UsageError("give exactly one of --input=FILE or --url=URL")
+    if FLAGS.input and FLAGS.url:
+        raise app.UsageError("give one of --input=FILE or --url=URL, not both")
+    if not FLAGS.input and not FLAGS.url:
+        FLAGS.url = TINY_SHAKESPEARE_URL
     if FLAGS.tokenizer == "bpe" and FLAGS.vocab_size <= 256:
         raise app.UsageError(f"--vocab_size={FLAGS.vocab_size}: byte-level BPE starts from the 256 "
                              "byte tokens; use more than 256 (e.g. 4096)")
