@@ -9,6 +9,7 @@
 #      bf16 step against fp32 in a process of their own, as in 1.
 #   3. fp32 decode, llama-134m at batch 1, against llama.cpp F32 (llama-cpp-python: the `bench`
 #      extra; without it that row says not measured).
+#   (Where bf16 runs on MKL and oneDNN is built too, 1 also times the bf16 step on each library.)
 #   4. The quickstart trained in fp32 and in bf16, 2000 steps each: whole-split val losses
 #      (QUALITY=0 skips this part, ~2-3 min).
 #
@@ -43,6 +44,15 @@ if [ ${#ng[@]} -gt 0 ]; then
 fi
 "$py" scripts/bench_train.py --shapes=shakespeare --nobias --notorch --bf16_ab --rounds=9 \
   --json="$out/train_quickstart_bf16.json" 2>&1 | quiet | tee "$out/train_quickstart_bf16.txt"
+# Where the bf16 products run on MKL (the Intel family) and oneDNN is built too, the bf16 step on
+# each, side by side in a process of their own: which library the family's measured choice should be
+# (cpu_gemm.MEASURED). Not a bar; train_quickstart_bf16_libs.txt keeps the table.
+other=$("$py" -c "from nanojax.kernels import cpu_gemm as g
+print('onednn' if g.library('bfloat16') == 'mkl' and 'onednn' in g.built() else '')" 2>/dev/null | tail -1)
+if [ -n "$other" ]; then
+  "$py" scripts/bench_train.py --shapes=shakespeare --nobias --notorch --dtype=bfloat16 --bf16_lib_ab="$other" \
+    --rounds=9 2>&1 | quiet | tee "$out/train_quickstart_bf16_libs.txt"
+fi
 "$py" scripts/bench_train.py --shapes=gpt2 --rounds=5 --json="$out/train_gpt2.json" 2>&1 \
   | quiet | tee "$out/train_gpt2.txt"
 "$py" scripts/bench_train.py --shapes=gpt2 --notorch --bf16_ab --rounds=5 --json="$out/train_gpt2_bf16.json" \

@@ -21,6 +21,9 @@ kernel (nanojax.kernels.cpu_attention), alternating with the others in the same 
 --gemm_kernel_ab likewise adds one whose dense products are XLA's dots instead of the MKL gemm kernel
 (nanojax.kernels.cpu_gemm), and --bf16_ab one in mixed precision (bf16 compute, fp32 params):
     python scripts/bench_train.py --shapes=shakespeare,gpt2 --notorch --bf16_ab
+--bf16_lib_ab=mkl (or onednn) adds a bf16 side whose products run on that library, to set the two
+libraries side by side where both run (NANOJAX_GEMM_BF16_LIB picks the library of every side):
+    python scripts/bench_train.py --shapes=shakespeare --nobias --notorch --bf16_ab --bf16_lib_ab=mkl
 """
 
 import json
@@ -76,6 +79,8 @@ flags.DEFINE_bool("bf16_ab", False, "Also time nanojax in mixed precision (bf16 
                   "to the --dtype side, in the same process (and print the bf16 side's speed-up).")
 flags.DEFINE_bool("gemm_kernel_ab", False, "Also time nanojax with XLA's dots in place of the MKL gemm "
                   "kernel for the dense products (`cpu_gemm.gemm_kernel(False)`).")
+flags.DEFINE_enum("bf16_lib_ab", None, ["mkl", "onednn"], "Also time nanojax in mixed precision with its "
+                  "bf16 products on this library (`cpu_gemm.bf16_library`).")
 flags.DEFINE_string("json", "", "Also write each shape's median ms/step per side, and the CPU line, to this "
                     "JSON file (scripts/cpu_bars.py reads it).")
 FLAGS = flags.FLAGS
@@ -222,6 +227,17 @@ def main(argv):
         if FLAGS.bf16_ab:
             _, bf_step, bf_sync = nanojax_stepper(preset, B, T, "bfloat16", FLAGS.vocab_size)
             sides["nanojax bf16"] = (bf_step, bf_sync, sides["nanojax"][2])
+        if FLAGS.bf16_lib_ab:
+            from nanojax.kernels import cpu_gemm
+
+            lib = FLAGS.bf16_lib_ab
+            _, lib_step, lib_sync = nanojax_stepper(preset, B, T, "bfloat16", FLAGS.vocab_size)
+
+            def on_lib(x, y, i, step=lib_step, lib=lib):
+                with cpu_gemm.bf16_library(lib):
+                    return step(x, y, i)
+
+            sides[f"nanojax bf16 {lib}"] = (on_lib, lib_sync, sides["nanojax"][2])
         if FLAGS.gemm_kernel_ab:
             from nanojax.kernels import cpu_gemm
 

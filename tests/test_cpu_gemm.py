@@ -182,6 +182,33 @@ def test_routing(gemm, monkeypatch):
     assert (ffi.GEMM_BF16_TARGET in bf16) == (default == "mkl")
 
 
+def test_bf16_library_chosen_by_the_user(bf16_lib, monkeypatch):
+    """NANOJAX_GEMM_BF16_LIB or bf16_library(name) puts bf16 products on that library whatever the
+    CPU family's measured choice (the context over the environment); gemm_kernel(False) still wins;
+    a name that is no library is refused."""
+    x, w = jnp.ones((40, 16), jnp.bfloat16), jnp.ones((16, 8), jnp.bfloat16)
+    mm = lambda: lambda x, w: dense.matmul(x, w)  # noqa: E731 - a new function: a fresh trace
+    target = {"mkl": ffi.GEMM_BF16_TARGET, "onednn": ffi.GEMM_BF16_DNNL_TARGET}
+    other = "mkl" if bf16_lib == "onednn" else "onednn"
+    monkeypatch.setenv("NANOJAX_GEMM_BF16_LIB", bf16_lib)
+    assert cpu_gemm.library("bfloat16") == bf16_lib
+    text = hlo(mm(), x, w)
+    assert f"@{target[bf16_lib]}(" in text and f"@{target[other]}(" not in text
+    assert cpu_gemm.library("float32") == cpu_gemm.MEASURED.get(cpu_gemm._family(), {}).get("float32")
+    with cpu_gemm.gemm_kernel(False):
+        assert cpu_gemm.library("bfloat16") is None
+    monkeypatch.delenv("NANOJAX_GEMM_BF16_LIB")
+    with cpu_gemm.bf16_library(bf16_lib):
+        assert cpu_gemm.library("bfloat16") == bf16_lib
+        monkeypatch.setenv("NANOJAX_GEMM_BF16_LIB", other)
+        assert cpu_gemm.library("bfloat16") == bf16_lib  # the context over the environment
+    monkeypatch.setenv("NANOJAX_GEMM_BF16_LIB", "openblas")
+    with pytest.raises(ValueError, match="NANOJAX_GEMM_BF16_LIB='openblas'"):
+        cpu_gemm.library("bfloat16")
+    with pytest.raises(ValueError, match="one of"):
+        cpu_gemm.bf16_library("openblas")
+
+
 def kernel_and_xla_loss_and_grads(gemm, dtype, target=TARGET):
     """A one-layer tied-head GPT (biases on) loss and gradients traced with the gemm kernel on and
     off: ((kernel calls, loss, grads) on, (kernel calls, loss, grads) off)."""

@@ -14,7 +14,9 @@ faster than its fp32 one while MKL's bf16 gemm runs 2-4x its sgemm (docs/perform
 GEMMs on MKL"). On an AMD Zen 5 the picture differs: XLA's fp32 dot beats MKL (which takes slow
 paths on AMD) and oneDNN's bf16 matmul runs at ~2x XLA's fp32 dot, while XLA's own bf16 dot is fast
 only untransposed ("AMD EPYC, Zen 5"). So the library is chosen per CPU family and dtype
-(MEASURED, `library`). `nanojax.dense.matmul` sends its forward and both backward products here
+(MEASURED, `library`); for bf16 the user can pick one instead (NANOJAX_GEMM_BF16_LIB=mkl|onednn, or
+`bf16_library(name)` around a trace), e.g. to time the two on a CPU where both run.
+`nanojax.dense.matmul` sends its forward and both backward products here
 when `use_gemm_kernel` says so; the kernel splits the output over the caller and XLA's intra-op
 pool, one single-threaded library call per block, and reads transposed operands in place.
 
@@ -35,6 +37,7 @@ import jax.numpy as jnp
 from nanojax.quant import ffi
 
 ENV_SWITCH = "NANOJAX_GEMM_KERNEL"
+BF16_LIB_ENV = "NANOJAX_GEMM_BF16_LIB"  # "mkl" or "onednn": bf16 products there, whatever MEASURED says
 LIBRARIES = ("mkl", "onednn")
 # CPU family -> dtype -> the library the kernel runs that dtype's products on there by default,
 # each measured faster than XLA's dot on that family (docs/performance/training.md, "Training GEMMs on MKL"
@@ -52,6 +55,8 @@ MIN_ROWS = ffi.FP32_KERNEL_MAX_ROWS + 1
 # A jit-cache-sensitive switch (a changed value re-traces), so one process can time the kernel
 # against XLA's dot: `with gemm_kernel(False): ...`. None: the environment and the CPU decide.
 _GEMM_KERNEL = jax.make_user_context(default_value=None)
+# The same kind of switch for the library of bf16 products (bf16_library).
+_BF16_LIBRARY = jax.make_user_context(default_value=None)
 
 
 def gemm_kernel(enabled: bool | None):
@@ -63,6 +68,26 @@ def gemm_kernel(enabled: bool | None):
     if enabled is not None and not isinstance(enabled, bool):
         raise TypeError(f"gemm_kernel: enabled must be True, False or None, got {enabled!r}")
     return _GEMM_KERNEL(enabled)
+
+
+def bf16_library(name: str | None):
+    """Context manager: bf16 products traced inside it run on `name` ("mkl" or "onednn") in place of
+    MEASURED's choice for this CPU (even where MEASURED lists none); None: NANOJAX_GEMM_BF16_LIB, then
+    MEASURED, decide. `gemm_kernel(False)` / NANOJAX_GEMM_KERNEL=0 still win. Tracing a bf16 product
+    raises if `name` has no bf16 handler here (not built in, or no AVX512_BF16). Functions jitted
+    earlier are re-traced for the new value."""
+    if name is not None and name not in LIBRARIES:
+        raise ValueError(f"bf16_library: name must be one of {LIBRARIES} or None, got {name!r}")
+    return _BF16_LIBRARY(name)
+
+
+def _bf16_pick() -> str | None:
+    """The library asked for bf16 products (bf16_library, else NANOJAX_GEMM_BF16_LIB), or None."""
+    name = _BF16_LIBRARY.value or os.environ.get(BF16_LIB_ENV) or None
+    if name is not None and name not in LIBRARIES:
+        raise ValueError(f"{BF16_LIB_ENV}={name!r}: expected one of {LIBRARIES} (or unset: the measured "
+                         "choice for this CPU)")
+    return name
 
 
 def built() -> tuple[str, ...]:
@@ -98,12 +123,21 @@ def library(dtype) -> str | None:
     """The library `dtype` (float32 or bfloat16) products run on, read at trace time: MEASURED's
     choice for this CPU's family where it is built in; when forced on (`gemm_kernel(True)`,
     NANOJAX_GEMM_KERNEL=1) that, else any built library with a handler for the dtype; None (XLA's
-    dot) when none fits or `gemm_kernel(False)` / NANOJAX_GEMM_KERNEL=0 switched it off."""
+    dot) when none fits or `gemm_kernel(False)` / NANOJAX_GEMM_KERNEL=0 switched it off. For bf16,
+    a library asked for by `bf16_library` or NANOJAX_GEMM_BF16_LIB comes first (an error if it has
+    no bf16 handler here)."""
     force = _forced()
     name = jnp.dtype(dtype).name
     if force is False:
         return None
     have = _usable(name)
+    pick = _bf16_pick() if name == "bfloat16" else None
+    if pick is not None:
+        if pick not in have:
+            raise RuntimeError(f"{BF16_LIB_ENV} / bf16_library asks for {pick} bf16 products, which do not "
+                               f"run here (built: {list(built()) or 'neither'}; bf16 needs AVX512_BF16); "
+                               "unset it for the measured choice")
+        return pick
     chosen = MEASURED.get(_family(), {}).get(name)
     if chosen in have:
         return chosen
