@@ -125,8 +125,9 @@ class OneOmpThread {
 // stored row by row; given a^T (the weight gradient x^T @ g) it picks its older gemm kernel
 // (ONEDNN_VERBOSE: gemm:jit:bf16), which ran them slower here and allocates on every call. So a
 // transposed a is first copied row by row into a buffer of the thread's own (transpose_bf16), and
-// the matmul reads that (the quickstart's bf16 step: 3% faster, 25 alternating rounds in one
-// process). Only blocks of 16k rows: the tied head's 65-row gradient ran slower copied.
+// the matmul reads that (the quickstart's bf16 step: 3% faster with oneDNN's own reorder as the
+// copy, then 3-5% faster again with transpose_bf16; docs/performance/training.md). Only blocks of
+// 16k rows: the tied head's 65-row gradient ran slower copied (and no faster with transpose_bf16).
 struct Plan {
   dnnl_primitive_desc_t pd;
   dnnl_primitive_t prim;
