@@ -12,8 +12,13 @@
 #      the XLA path vs cuDNN, forward and forward + backward (docs/attention.md).
 #   6. For the 45% MFU goal of 2.: the same step with the vocabulary padded to 50304 (a multiple of
 #      64, as nanoGPT pads it), and a trace of 5 steps with its top ops (where the time goes).
+#   7. Only with `flags` as the second argument, and then alone (~3-4 min, so that a device call's
+#      10-minute limit holds either way): the step of 2. under XLA:GPU flags, one run each (the
+#      user's XLA_FLAGS reach XLA as given: nanojax only adds XLA:CPU flags): Triton's gemms off
+#      (cuBLAS for every dot), the latency-hiding scheduler on, CUDA-graph command buffers off.
 #
-#   bash scripts/bench_gpu.sh [OUT_DIR]     # logs to OUT_DIR (default: out/bench_gpu)
+#   bash scripts/bench_gpu.sh [OUT_DIR]         # 0-6; logs to OUT_DIR (default: out/bench_gpu)
+#   bash scripts/bench_gpu.sh OUT_DIR flags     # 7 only
 #
 # Needs jax with its CUDA (or ROCm) plugin and nanojax's dependencies. On a machine without
 # network access that lacks ml_collections, bring its wheel along and it is installed from there:
@@ -30,6 +35,7 @@ fi
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # nanojax from this checkout, installed or not
 "$py" -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee "$out/devices.txt"
+if [ "${2:-}" != "flags" ]; then  # parts 0-6
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null | tee -a "$out/devices.txt" || true
 JAX_PLATFORMS=cuda,cpu "$py" -m pytest -m gpu -p no:cacheprovider -q tests/test_gpu.py 2>&1 \
   | tee "$out/pytest_gpu.txt" || echo "GPU TESTS FAILED (see $out/pytest_gpu.txt)"
@@ -59,3 +65,15 @@ done
 "$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 --notorch --steps=5 --rounds=1 \
   --profile_dir="$out/profile" 2>&1 | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16_profile.txt" \
   || echo "the profiled run failed (see $out/train_gpt2_bf16_profile.txt)"
+fi
+# 7. The step without a flag first (the baseline of this call), then each flag alone; a failed run
+# (an unknown flag in a newer XLA) costs only its own row.
+[ "${2:-}" = "flags" ] || exit 0
+for flag in "" --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_latency_hiding_scheduler=true \
+            --xla_gpu_enable_command_buffer=; do
+  name=$(echo "${flag#--xla_gpu_}" | tr -c 'a-z0-9_\n' '_')
+  name=${name:-baseline}
+  XLA_FLAGS="${XLA_FLAGS:-}${flag:+ $flag}" "$py" scripts/bench_train.py --shapes=gpt2-1024 --dtype=bfloat16 \
+    --notorch --steps=20 --rounds=3 2>&1 | grep -v "^I[0-9]" | tee "$out/train_gpt2_bf16_flag_$name.txt" \
+    || echo "the run with $flag failed (see $out/train_gpt2_bf16_flag_$name.txt)"
+done
