@@ -171,6 +171,8 @@ def test_routing(gemm, monkeypatch):
         assert TARGET not in hlo(mm(), x, w)
     monkeypatch.setenv("NANOJAX_GEMM_KERNEL", "0")
     assert TARGET not in hlo(mm(), x, w)
+    off16 = hlo(mm(), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))  # also where bf16 is routed by default
+    assert not any(f"@{t}(" in off16 for t in (ffi.GEMM_BF16_TARGET, ffi.GEMM_BF16_DNNL_TARGET))
     monkeypatch.setenv("NANOJAX_GEMM_KERNEL", "1")  # on whatever the CPU family
     assert TARGET in hlo(mm(), x, w)
     monkeypatch.delenv("NANOJAX_GEMM_KERNEL")
