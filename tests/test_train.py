@@ -234,9 +234,14 @@ def test_grad_accumulation_equals_one_big_batch(synth_data, fresh_params):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p4)
 
 
-def test_a_nonfinite_step_changes_neither_params_nor_optimizer_state(synth_data, trained):
+@pytest.mark.parametrize("adamw_kernel", ["1", "0"])
+def test_a_nonfinite_step_changes_neither_params_nor_optimizer_state(synth_data, trained, monkeypatch,
+                                                                    adamw_kernel):
     """The compiled training step given a NaN loss, or a finite loss whose gradient norm
-    overflows, returns ok=False and the params and Adam state it was given, bit for bit."""
+    overflows, returns ok=False and the params and Adam state it was given, bit for bit: with the
+    one-call AdamW kernel where it runs, and with optax's update (NANOJAX_ADAMW_KERNEL=0, as under a
+    mesh of several devices or without the kernels)."""
+    monkeypatch.setenv("NANOJAX_ADAMW_KERNEL", adamw_kernel)  # read when build() makes the step
     config = base_config(synth_data)
     run = build(config, model_config_from(config, 23))
     tokens = np.fromfile(synth_data / "train.bin", np.uint16)
