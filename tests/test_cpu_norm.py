@@ -128,6 +128,17 @@ def test_scale_gradient_does_not_depend_on_the_thread_count(kernels, monkeypatch
     two = fn(x, scale, bias)
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The grouping itself, whatever the threads do: the same rows as calls of one 64-row unit each,
+    # their sums added in order in float32, give the whole call's sums to the bit (one running sum
+    # over all the rows rounds differently).
+    unit = lambda u: grads(lambda x, s, b: cn.layer_norm(x, s, b), x[u:u + 64], scale, bias,  # noqa: E731
+                           dy[u:u + 64])[1][1:]
+    parts = [[np.asarray(g) for g in unit(u)] for u in range(0, 4096, 64)]
+    for k in range(2):  # dscale, dbias
+        total = parts[0][k].copy()
+        for part in parts[1:]:
+            total = (total + part[k]).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(two[k + 1]), total)
 
 
 def test_model_norm_routes_batches_only(kernels, monkeypatch):
