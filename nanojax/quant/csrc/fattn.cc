@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -247,33 +248,15 @@ __attribute__((target("avx512f,fma"))) float dot_avx512(const float* a, const fl
 }
 
 // xt (H, npad) = x[0:n, 0:H]^T (x's rows xs floats apart), zero on columns [n, npad); npad a multiple of
-// 16, H of 16. Each 16 x 16 block is transposed in registers: rows interleaved in pairs, then 4 x 4
-// blocks within each 128-bit lane, then the lanes themselves.
+// 16, H of 16. Each 16 x 16 block is transposed in registers (simd.h).
 __attribute__((target("avx512f"))) void pack_avx512(const float* x, int64_t xs, int64_t n, int64_t H, int64_t npad,
                                                     float* xt) {
   for (int64_t s0 = 0; s0 < npad; s0 += 16) {
     for (int64_t h0 = 0; h0 < H; h0 += 16) {
-      __m512 a[16], c[16];
+      __m512 a[16];
       for (int r = 0; r < 16; ++r)
         a[r] = s0 + r < n ? _mm512_loadu_ps(x + (s0 + r) * xs + h0) : _mm512_setzero_ps();
-      for (int r = 0; r < 16; r += 4) {  // c[r + j], lane L: column 4L + j of rows r .. r + 3
-        const __m512 lo01 = _mm512_unpacklo_ps(a[r], a[r + 1]), hi01 = _mm512_unpackhi_ps(a[r], a[r + 1]);
-        const __m512 lo23 = _mm512_unpacklo_ps(a[r + 2], a[r + 3]), hi23 = _mm512_unpackhi_ps(a[r + 2], a[r + 3]);
-        c[r] = _mm512_shuffle_ps(lo01, lo23, 0x44);
-        c[r + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
-        c[r + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
-        c[r + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
-      }
-      for (int j = 0; j < 4; ++j) {  // column 4L + j: lane L of c[j], c[4 + j], c[8 + j], c[12 + j]
-        const __m512 d0 = _mm512_shuffle_f32x4(c[j], c[4 + j], 0x44), d1 = _mm512_shuffle_f32x4(c[j], c[4 + j], 0xEE);
-        const __m512 d2 = _mm512_shuffle_f32x4(c[8 + j], c[12 + j], 0x44);
-        const __m512 d3 = _mm512_shuffle_f32x4(c[8 + j], c[12 + j], 0xEE);
-        float* out = xt + (h0 + j) * npad + s0;
-        _mm512_storeu_ps(out, _mm512_shuffle_f32x4(d0, d2, 0x88));
-        _mm512_storeu_ps(out + 4 * npad, _mm512_shuffle_f32x4(d0, d2, 0xDD));
-        _mm512_storeu_ps(out + 8 * npad, _mm512_shuffle_f32x4(d1, d3, 0x88));
-        _mm512_storeu_ps(out + 12 * npad, _mm512_shuffle_f32x4(d1, d3, 0xDD));
-      }
+      nj::store_transposed16(a, reinterpret_cast<char*>(xt + h0 * npad + s0), npad * 4);
     }
   }
 }

@@ -41,6 +41,7 @@
 #include <immintrin.h>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifdef NJ_WITH_DNNL
@@ -145,7 +146,7 @@ __attribute__((target("avx512f,avx512bw"))) void transpose_bf16_avx512(const uin
   const int64_t k32 = k / 32 * 32, m16 = m / 16 * 16;
   for (int64_t i0 = 0; i0 < m16; i0 += 16) {
     for (int64_t j0 = 0; j0 < k32; j0 += 32) {
-      __m512 p[16], c[16];
+      __m512 p[16];
       for (int r = 0; r < 16; ++r) {  // p[r], lane L: (a[j0 + 2r][i0 + L], a[j0 + 2r + 1][i0 + L])
         const uint16_t* row = a + (j0 + 2 * r) * lda + i0;
         const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
@@ -155,25 +156,9 @@ __attribute__((target("avx512f,avx512bw"))) void transpose_bf16_avx512(const uin
         p[r] = _mm512_castsi512_ps(_mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20)), _mm256_permute2x128_si256(lo, hi, 0x31), 1));
       }
-      for (int r = 0; r < 16; r += 4) {  // c[r + q], 128-bit lane L: lane 4L + q of p[r .. r + 3]
-        const __m512 lo01 = _mm512_unpacklo_ps(p[r], p[r + 1]), hi01 = _mm512_unpackhi_ps(p[r], p[r + 1]);
-        const __m512 lo23 = _mm512_unpacklo_ps(p[r + 2], p[r + 3]), hi23 = _mm512_unpackhi_ps(p[r + 2], p[r + 3]);
-        c[r] = _mm512_shuffle_ps(lo01, lo23, 0x44);
-        c[r + 1] = _mm512_shuffle_ps(lo01, lo23, 0xEE);
-        c[r + 2] = _mm512_shuffle_ps(hi01, hi23, 0x44);
-        c[r + 3] = _mm512_shuffle_ps(hi01, hi23, 0xEE);
-      }
-      for (int q = 0; q < 4; ++q) {  // lane 4L + q of every p: 128-bit lane L of c[q], c[4 + q], c[8 + q], c[12 + q]
-        const __m512 d0 = _mm512_shuffle_f32x4(c[q], c[4 + q], 0x44), d1 = _mm512_shuffle_f32x4(c[q], c[4 + q], 0xEE);
-        const __m512 d2 = _mm512_shuffle_f32x4(c[8 + q], c[12 + q], 0x44);
-        const __m512 d3 = _mm512_shuffle_f32x4(c[8 + q], c[12 + q], 0xEE);
-        float* out = reinterpret_cast<float*>(t + (i0 + q) * k + j0);
-        const int64_t step = 2 * k;  // four rows of t, in floats
-        _mm512_storeu_ps(out, _mm512_shuffle_f32x4(d0, d2, 0x88));
-        _mm512_storeu_ps(out + step, _mm512_shuffle_f32x4(d0, d2, 0xDD));
-        _mm512_storeu_ps(out + 2 * step, _mm512_shuffle_f32x4(d1, d3, 0x88));
-        _mm512_storeu_ps(out + 3 * step, _mm512_shuffle_f32x4(d1, d3, 0xDD));
-      }
+      // Lane L of p[r] holds rows j0 + 2r, j0 + 2r + 1 of column i0 + L: transposed, column i0 + L's 32
+      // values leave in order as one 64-byte row of t.
+      nj::store_transposed16(p, reinterpret_cast<char*>(t + i0 * k + j0), 2 * k);
     }
   }
   for (int64_t i = 0; i < m; ++i)  // the ragged edges: columns from m16, rows from k32

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -46,21 +47,6 @@ bool use_avx512(int64_t D) {
   if (cap != nullptr && (std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "scalar") == 0)) return false;
   return D % 16 == 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("fma");
-}
-
-// float -> bfloat16 bits, rounded to nearest even (XLA's convert), NaN kept a (quiet) NaN.
-uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-float from_bf16(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
 }
 
 struct Rows {  // one unit's rows and its partial sums
@@ -93,7 +79,7 @@ void forward_scalar(const Rows& r, int64_t row, void* y, bool y_bf16) {
   for (int64_t j = 0; j < r.D; ++j) {
     const float v = (x[j] - mean) * rstd * r.scale[j] + r.bias[j];
     if (y_bf16)
-      static_cast<uint16_t*>(y)[row * r.D + j] = to_bf16(v);
+      static_cast<uint16_t*>(y)[row * r.D + j] = nj::f32_to_bf16(v);
     else
       static_cast<float*>(y)[row * r.D + j] = v;
   }
@@ -104,7 +90,7 @@ void backward_scalar(const Rows& r, int64_t row, const void* dy, bool dy_bf16, f
   const float* x = r.x + row * r.D;
   const float mean = r.mean[row], rstd = r.rstd[row];
   const auto dyv = [&](int64_t j) {
-    return dy_bf16 ? from_bf16(static_cast<const uint16_t*>(dy)[row * r.D + j])
+    return dy_bf16 ? nj::bf16_to_f32(static_cast<const uint16_t*>(dy)[row * r.D + j])
                    : static_cast<const float*>(dy)[row * r.D + j];
   };
   float sg = 0.0f, sgx = 0.0f;
