@@ -1,7 +1,9 @@
 """Shared fixtures. Tests run on CPU; sharding tests start their own 8-device subprocesses."""
 
+import contextlib
 import os
 import runpy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,8 +98,30 @@ def _compile_cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("jax_compile_cache")  # one per xdist worker: never shared
 
 
+@contextlib.contextmanager
+def compile_cache_on(cache_dir: Path) -> Iterator[dict[str, str]]:
+    """JAX's persistent compilation cache in `cache_dir` while the block runs; yields the
+    environment that turns it on in subprocesses too. Nests: the settings it found come back."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    settings = {"jax_compilation_cache_dir": str(cache_dir),
+                "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    old = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    cc.reset_cache()  # jax decides once per process whether a cache is in use; ask it again
+    try:
+        yield {name.upper(): str(value) for name, value in settings.items()}
+    finally:
+        for name, value in old.items():
+            jax.config.update(name, value)
+        cc.reset_cache()
+
+
 @pytest.fixture(scope="module")
-def compile_cache(_compile_cache_dir) -> dict[str, str]:
+def compile_cache(_compile_cache_dir) -> Iterator[dict[str, str]]:
     """JAX's persistent compilation cache, on for one test module; yields the environment that
     turns it on in that module's subprocesses too.
 
@@ -105,20 +129,57 @@ def compile_cache(_compile_cache_dir) -> dict[str, str]:
     same step (~2 s of XLA:CPU each, most of a tiny run). With the cache a run of a config
     already compiled in this session loads the executable instead; what runs is the same
     executable, so results are unchanged (the resume tests compare losses bit for bit)."""
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache as cc
+    with compile_cache_on(_compile_cache_dir) as env:
+        yield env
 
-    settings = {"jax_compilation_cache_dir": str(_compile_cache_dir),
-                "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    old = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    cc.reset_cache()  # jax decides once per process whether a cache is in use; ask it again
-    yield {name.upper(): str(value) for name, value in settings.items()}
-    for name, value in old.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+
+# ----------------------------------------------------------------------------------------------
+# The tiny training run of tests/train_run.py, made once per worker and shared by
+# test_train_step.py and test_train.py. Session fixtures are set up before a module's, so these
+# turn the compilation cache on themselves: the step they compile is then in it for every later
+# run of that config, in this process or a subprocess.
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """train.bin / val.bin of train_run.SYNTH, character-tokenized."""
+    from train_run import SYNTH
+
+    from nanojax import data
+    from nanojax.tokenizer import CharTokenizer
+
+    d = tmp_path_factory.mktemp("synth")
+    data.prepare(SYNTH, CharTokenizer.from_text(SYNTH), d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def trained(synth_data, _compile_cache_dir, tmp_path_factory) -> Path:
+    """The reference run's workdir: train_run.base_config, one device, uninterrupted."""
+    from train_run import base_config
+
+    from nanojax.train import train
+
+    workdir = tmp_path_factory.mktemp("trained") / "run"
+    with compile_cache_on(_compile_cache_dir):
+        train(base_config(synth_data), workdir, progress=False)
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def fresh_params(trained, synth_data, _compile_cache_dir):
+    """Freshly initialised params of the reference run's model, on the host: its init is compiled
+    already (eager init_params compiles op by op, seconds)."""
+    import jax
+    from train_run import ALPHABET, TINY, base_config
+
+    from nanojax.train import build, model_config_from
+
+    config = base_config(synth_data)
+    cfg = model_config_from(config, len(ALPHABET))
+    assert cfg == TINY
+    with compile_cache_on(_compile_cache_dir):
+        return jax.device_get(build(config, cfg).init_fn(jax.random.key(0))[0])
 
 
 @pytest.fixture(scope="module")
