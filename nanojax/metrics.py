@@ -186,10 +186,43 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 @dataclasses.dataclass(frozen=True)
 class OpTime:
-    name: str  # an HLO op kind (`dot`, `loop_add_fusion`, ...) or, with by_kind=False, one op
+    name: str  # an HLO op kind (`dot`, `loop_add_fusion`, ...) or, with by_kind=False, one op;
+    #            by kind, a custom call whose target is known is named by it (the kernel it ran)
     module: str  # the executable it belongs to, e.g. `jit_step_fn`
     seconds: float  # summed over the trace, across all threads / streams that ran it
     count: int
+    target: str = ""  # a custom call's custom_call_target (e.g. `nanojax_causal_attention_fwd`)
+
+
+HLO_SUFFIX = ".hlo.txt"  # `<module>.hlo.txt` beside a trace: its executable's HLO (save_hlo_text)
+_CUSTOM_CALL = re.compile(r'^\s*(?:ROOT\s+)?%([\w.-]+) = .*\bcustom-call\(.*custom_call_target="([^"]+)"')
+
+
+def custom_call_targets(hlo_text: str) -> dict[tuple[str, str], str]:
+    """(module, instruction) -> custom_call_target for every custom call in HLO text as
+    `jax.stages.Compiled.as_text()` prints it: which kernel a trace's `ffi_call.386` ran, where the
+    trace itself only names the instruction."""
+    out: dict[tuple[str, str], str] = {}
+    module = "?"
+    for line in hlo_text.splitlines():
+        if line.startswith("HloModule "):
+            module = line.split()[1].rstrip(",")
+        elif "custom_call_target=" in line and (m := _CUSTOM_CALL.match(line)):
+            out[module, m.group(1)] = m.group(2)
+    return out
+
+
+def save_hlo_text(trace_dir: str | Path, compiled: Any) -> Path:
+    """Writes a compiled executable's HLO text into `trace_dir` as `<module>.hlo.txt`, where
+    trace_op_times reads it to name the custom calls of the trace by their targets.
+    compiled: `jitted.lower(*args).compile()` of the function the trace runs."""
+    text = compiled.as_text()
+    module = next((ln.split()[1].rstrip(",") for ln in text.splitlines() if ln.startswith("HloModule ")),
+                  "module")
+    path = Path(trace_dir) / f"{module}{HLO_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
+    return path
 
 
 def trace_op_times(trace_dir: str | Path, by_kind: bool = True) -> tuple[list[OpTime], int]:
@@ -198,14 +231,21 @@ def trace_op_times(trace_dir: str | Path, by_kind: bool = True) -> tuple[list[Op
 
     An op is a trace event that XLA tagged with its HLO op and module: on GPU/TPU the device's
     "XLA Ops" line, on CPU the thunks of XLA:CPU's threads. by_kind folds `dot.12`, `dot.40` ...
-    into `dot`; control ops (while, call, conditional) are left out, their bodies are counted."""
+    into `dot`; control ops (while, call, conditional) are left out, their bodies are counted.
+    Custom calls (`ffi_call.N`, `custom-call.N`) carry their targets where a `*.hlo.txt` of their
+    executable lies under `trace_dir` (save_hlo_text; train() and bench_train.py write one), and by
+    kind are folded by target: the attention kernel's time apart from the gemm kernel's."""
     files = sorted(Path(trace_dir).glob("**/*.xplane.pb"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}: was it written with "
                                 "--config.profile=START:END, and did the run reach END?")
+    targets: dict[tuple[str, str], str] = {}
+    for hlo in Path(trace_dir).glob(f"**/*{HLO_SUFFIX}"):
+        targets.update(custom_call_targets(hlo.read_text()))
     pd = jax.profiler.ProfileData.from_file(str(files[-1]))
     seconds: dict[tuple[str, str], float] = {}
     counts: dict[tuple[str, str], int] = {}
+    named: dict[tuple[str, str], str] = {}
     steps: list[tuple[float, float]] = []
     for plane in pd.planes:
         on_device = plane.name.startswith("/device:")
@@ -225,12 +265,15 @@ def trace_op_times(trace_dir: str | Path, by_kind: bool = True) -> tuple[list[Op
                 kind = re.sub(r"\.\d+$", "", str(op))
                 if kind in ("while", "call", "conditional"):
                     continue
-                key = (kind if by_kind else str(op), str(module))
+                target = targets.get((str(module), str(op)), "")
+                key = (target or kind if by_kind else str(op), str(module))
                 seconds[key] = seconds.get(key, 0.0) + ev.duration_ns * 1e-9
                 counts[key] = counts.get(key, 0) + 1
+                named[key] = target
     n_steps, end = 0, float("-inf")
     for start, stop in sorted(steps):  # a dispatch is recorded as nested events
         if start >= end:
             n_steps, end = n_steps + 1, stop
-    ops = [OpTime(name, module, seconds[name, module], counts[name, module]) for name, module in seconds]
+    ops = [OpTime(name, module, seconds[name, module], counts[name, module], named[name, module])
+           for name, module in seconds]
     return sorted(ops, key=lambda o: -o.seconds), n_steps

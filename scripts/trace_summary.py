@@ -7,7 +7,10 @@
 
 Times are summed over everything that ran the op (both CPU worker threads, or the GPU's
 streams), so on a multi-threaded CPU the column can add up to more than the wall time. For the
-timeline itself, open the trace in xprof / TensorBoard or Perfetto.
+timeline itself, open the trace in xprof / TensorBoard or Perfetto. The C++ kernels' custom calls
+(`ffi_call.N` in the trace) are named by their targets (`nanojax_onednn_gemm_bf16`,
+`nanojax_causal_attention_bwd`, ...) from the step's compiled HLO, which training writes beside the
+trace (profile/jit_step_fn.hlo.txt).
 """
 
 import sys
@@ -34,12 +37,13 @@ def main(argv):
         raise app.UsageError(str(e)) from None
     total = sum(o.seconds for o in ops)
     per = f"ms/step ({steps} steps)" if steps else "ms (whole trace)"
-    print(f"{'op' + (' kind' if not FLAGS.by_op else ''):40s} {'executable':22s} {per:>22s} {'share':>7s} "
+    print(f"{'op' + (' kind' if not FLAGS.by_op else ''):48s} {'executable':22s} {per:>22s} {'share':>7s} "
           f"{'calls':>7s}")
     for o in ops[:FLAGS.top]:
         ms = o.seconds * 1e3 / max(steps, 1)
-        print(f"{o.name[:40]:40s} {o.module[:22]:22s} {ms:22.3f} {o.seconds / total:7.1%} {o.count:7d}")
-    print(f"{'all ops':40s} {'':22s} {total * 1e3 / max(steps, 1):22.3f}")
+        name = f"{o.name} ({o.target})" if o.target and o.target != o.name else o.name
+        print(f"{name[:48]:48s} {o.module[:22]:22s} {ms:22.3f} {o.seconds / total:7.1%} {o.count:7d}")
+    print(f"{'all ops':48s} {'':22s} {total * 1e3 / max(steps, 1):22.3f}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import nanojax as nj
 from nanojax import data
 from nanojax import sharding as shd
 from nanojax.metrics import MetricsWriter, cpu_description, read_metrics, trace_op_times
+from nanojax.quant import ffi
 from nanojax.tokenizer import CharTokenizer
 from nanojax.train import NonFiniteLossError, WorkdirMismatchError, build, loss_fn, model_config_from, train
 
@@ -289,6 +290,15 @@ def test_profile_traces_exactly_the_asked_steps_and_names_their_ops(synth_data, 
     assert step_ops and all(o.count > 0 for o in step_ops) and sum(o.seconds for o in step_ops) > 0
     assert {o.name for o in step_ops} <= names, {o.name for o in step_ops} - names
     assert any("dot" in o.name or o.name.startswith("ynn") for o in step_ops)  # the matmuls are there
+    # The kernels' custom calls carry the targets XLA's HLO gives them (train() wrote the step's HLO
+    # beside the trace), one op at a time and, by kind, folded under those targets.
+    calls = dict(re.findall(r'%([\w.-]+) = [^\n]*custom-call\([^\n]*custom_call_target="(\w+)"', hlo))
+    assert calls or not ffi.kernels_available()  # the norm and AdamW kernels run wherever they build
+    traced = {o.name: o.target for o in step_ops if o.name in calls}
+    assert traced and traced == {name: calls[name] for name in traced}, traced
+    assert all(o.target == "" for o in step_ops if o.name not in calls)
+    kinds = {o.name for o in trace_op_times(tmp_path / "a" / "profile")[0] if o.module == "jit_step_fn"}
+    assert set(traced.values()) <= kinds and not any(k.startswith(("ffi_call", "custom-call")) for k in kinds)
     # A window running past the last step still closes the trace and writes it.
     train(base_config(synth_data, {"profile": f"{STEPS - 2}:40", **quiet}), tmp_path / "b", progress=False)
     assert trace_op_times(tmp_path / "b" / "profile")[1] == 2

@@ -5,6 +5,7 @@ steps, at the end and on SIGINT/SIGTERM. Rerunning the same command resumes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import time
@@ -19,7 +20,7 @@ from nanojax import data as data_lib
 from nanojax import sharding as shd
 from nanojax.checkpoint import Checkpointer
 from nanojax.config import ModelConfig
-from nanojax.metrics import MetricsWriter, memory_stats, mfu, run_header, write_atomic
+from nanojax.metrics import MetricsWriter, memory_stats, mfu, run_header, save_hlo_text, write_atomic
 from nanojax.tokenizer import load_tokenizer
 from nanojax.train import lora_run
 from nanojax.train.config import _parse_profile, model_config_from, validate_config
@@ -86,6 +87,19 @@ class _Interrupt:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _save_step_hlo(trace_dir: Path, step_fn: Any, params: Any, opt_state: Any, x: jax.Array,
+                   y: jax.Array, step: int) -> None:
+    """The step's compiled HLO beside its trace, so that the trace's summary names each custom call
+    by the kernel it ran (metrics.save_hlo_text). It costs one more compile of the step (lowering a
+    jitted function does not reuse the executable it runs), before the trace starts; if it fails the
+    trace is still written, its custom calls named `ffi_call.N` only."""
+    try:
+        save_hlo_text(trace_dir, step_fn.lower(params, opt_state, x, y, np.int32(step)).compile())
+    except Exception as e:  # an annotation of the profile: never worth stopping the run for
+        logging.warning("profile: the step's HLO was not written (%s: %s); the trace's custom calls "
+                        "keep their instruction names", type(e).__name__, e)
 
 
 def evaluate_full(run: Run, params: Any, tokens: np.ndarray, batch_size: int) -> float:
@@ -247,13 +261,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
     with _Interrupt() as interrupt:
         try:
             for step in range(start, config.max_steps):
+                x, y = host_batch(train_tokens, config.seed, step, A)
+                x, y = shd.put_batch(x, batch_sh), shd.put_batch(y, batch_sh)
                 if profile and step == profile[0] and is_main:
+                    _save_step_hlo(workdir / "profile", step_fn, params, opt_state, x, y, step)
                     jax.profiler.start_trace(str(workdir / "profile"))
                     tracing = True
-                x, y = host_batch(train_tokens, config.seed, step, A)
                 params, opt_state, metrics = step_fn(
-                    params, opt_state, shd.put_batch(x, batch_sh), shd.put_batch(y, batch_sh),
-                    np.int32(step))  # a numpy scalar: no convert executable a step
+                    params, opt_state, x, y, np.int32(step))  # a numpy scalar: no convert executable a step
                 if pending:
                     finish(pending)
                 pending = (step + 1, metrics)

@@ -110,8 +110,12 @@ def build_lora(config: ml_collections.ConfigDict, cfg: ModelConfig, base: Params
         weights = adapter_template(config, cfg, key).weights
         return weights, optimizer.init(weights)
 
+    def step_fn(w, o, x, y, s):
+        return step(w, o, x, y, s, base)
+
+    step_fn.lower = lambda w, o, x, y, s: step.lower(w, o, x, y, s, base)  # the profile's HLO (loop.py)
     run = Run(cfg, mesh, optimizer, repl, repl, batch_sh, eval_sh,
-              step_fn=lambda w, o, x, y, s: step(w, o, x, y, s, base),
+              step_fn=step_fn,
               eval_fn=lambda w, x, y: ev(w, x, y, base),
               init_fn=jax.jit(init, out_shardings=(repl, repl)),
               eval_sum_fn=lambda w, x, y, m: ev_sum(w, x, y, m, base))
