@@ -12,6 +12,9 @@
 #   (Where bf16 runs on MKL and oneDNN is built too, 1 also times the bf16 step on each library.)
 #   4. The quickstart trained in fp32 and in bf16, 2000 steps each: whole-split val losses
 #      (QUALITY=0 skips this part, ~2-3 min).
+#   5. Not a bar: where the quickstart step's time goes in fp32 and in bf16, a trace of 3 steps each
+#      summarised by XLA op and kernel (profile_float32.txt, profile_bfloat16.txt; PROFILE=0 skips
+#      it, ~1 min), so that a run on a CPU family not seen before brings its profile with it.
 #
 #   bash scripts/bench_cpu.sh [OUT_DIR] [NANOGPT_DIR]     # logs and JSON to OUT_DIR (out/bench_cpu)
 #
@@ -26,7 +29,7 @@ nanogpt="${2:-${NANOGPT_DIR:-}}"
 data="${DATA:-data/shakespeare_char}"
 py="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"
 mkdir -p "$out"
-rm -rf "$out"/*.json "$out"/quality_*  # no numbers left over from an earlier run
+rm -rf "$out"/*.json "$out"/quality_* "$out"/profile_*  # no numbers left over from an earlier run
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "^I[0-9]"; }  # absl's INFO lines
 
@@ -74,6 +77,13 @@ if [ "${QUALITY:-1}" != "0" ]; then
     "$py" scripts/train.py --config=configs/shakespeare_char_cpu.py --workdir="$out/quality_$dtype" \
       --config.data_dir="$data" --config.model.dtype=$dtype > "$out/quality_$dtype.log" 2>&1
     echo "$dtype: $(tr '\r' '\n' < "$out/quality_$dtype.log" | grep -a "^done:" || echo "failed, see $out/quality_$dtype.log")"
+  done
+fi
+if [ "${PROFILE:-1}" != "0" ]; then
+  for dtype in float32 bfloat16; do
+    "$py" scripts/bench_train.py --shapes=shakespeare --nobias --notorch --dtype=$dtype --rounds=3 \
+      --profile_dir="$out/profile_$dtype" 2>&1 | quiet > "$out/profile_$dtype.txt"
+    grep -A16 "profile of" "$out/profile_$dtype.txt" || echo "the $dtype profile failed (see $out/profile_$dtype.txt)"
   done
 fi
 "$py" scripts/cpu_bars.py --dir="$out" 2>&1 | quiet | tee "$out/bars.md"
