@@ -41,7 +41,7 @@ from nanojax.quant import blas
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = ("qmatmul.cc", "fmatmul.cc", "dattn.cc", "fattn.cc", "adamw.cc", "gemm.cc", "norm.cc", "parallel.h",
-           "simd.h", "kernels_fp32.inc", "kernels_vnni.inc")  # all hashed
+           "simd.h", "kernels_fp32.inc", "kernels_vnni.inc", "fattn_tiles.inc")  # all hashed
 KERNEL_MAX_ROWS = 16  # above this many rows of x, dequantize + XLA's dot is faster (measured)
 # The fp32 kernel beats XLA's dot up to 32 rows (the serving engine's 8-32 slots; docs/performance/decode.md).
 FP32_KERNEL_MAX_ROWS = 32
