@@ -157,6 +157,13 @@ def test_large_m_takes_the_xla_path(kernels):
     np.testing.assert_allclose(np.asarray(ffi.int8_matmul(x, q, scale, 64)), want, rtol=1e-5, atol=1e-5)
 
 
+def test_every_kernel_source_is_in_the_build_hash():
+    """The cached library is keyed by a hash of ffi.SOURCES: a file of csrc/ missing from it (an
+    included .inc or .h) could change while a stale build is still loaded."""
+    on_disk = sorted(p.name for p in ffi.CSRC.iterdir() if p.suffix in (".cc", ".h", ".inc"))
+    assert sorted(ffi.SOURCES) == on_disk
+
+
 @pytest.fixture
 def fresh_loader(monkeypatch, tmp_path):
     """A loader that has not tried yet, building into an empty cache; restored afterwards."""
