@@ -72,6 +72,23 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+# Runs a script as `python SCRIPT ARGS` does, but sleeps SECONDS right after the metrics line of
+# step AT is written (by the process that writes metrics: the first of several).
+LATE_AT = """
+import runpy, sys, time
+from nanojax.metrics import MetricsWriter
+seconds, at = float(sys.argv[1]), int(sys.argv[2])
+write = MetricsWriter.write
+def write_then_sleep(self, rec):
+    write(self, rec)
+    if rec.get("step") == at and "grad_norm" in rec:
+        time.sleep(seconds)
+MetricsWriter.write = write_then_sleep
+sys.argv = sys.argv[3:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def signalled(cmd, sig, at, wait=0):
     return [sys.executable, "-c", SIGNAL_AT, str(int(sig)), str(at), str(wait), *cmd[1:]]
 
@@ -357,16 +374,27 @@ def _free_port() -> int:
 def test_two_processes_train_like_one(synth_data, trained, tmp_path, compile_cache):
     """Real multi-process JAX (2 processes x 2 CPU devices, gloo, mesh data 2 x fsdp 2) resumes the
     one-device reference run from its step-20 checkpoint: the reference's losses for the last 4
-    steps, and one checkpoint that holds the reference's params."""
+    steps, and one checkpoint that holds the reference's params. The first process reaches the
+    last step's evaluations 3 s after the second (as after writing a profile, or on a slower host),
+    and both still finish: their 200 + 31 eval calls' collectives stay in step."""
     work = copy_run(trained, tmp_path / "two")
     shutil.rmtree(work / "checkpoints" / str(STEPS))
     mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2"]
     dist = [f"--coordinator=localhost:{_free_port()}", "--num_processes=2"]
-    procs = [subprocess.Popen(train_cmd(synth_data, work, *mesh, *dist, f"--process_id={i}"),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    evals = "--config.eval_iters=200"  # enough calls to deadlock when all dispatched at once (60 did not)
+    cmds = [train_cmd(synth_data, work, *mesh, *dist, evals, f"--process_id={i}") for i in range(2)]
+    cmds[0] = [sys.executable, "-c", LATE_AT, "3", str(STEPS), *cmds[0][1:]]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=script_env(compile_cache, devices=2))
-             for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+             for cmd in cmds]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        outs = [p.communicate()[0] for p in procs]
+        pytest.fail("the two processes hung (a deadlocked collective?):\n"
+                    + "\n".join(o[-2000:] for o in outs))
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
 
     a, b = losses(trained), losses(work)

@@ -4,6 +4,7 @@ steps, at the end and on SIGINT/SIGTERM. Rerunning the same command resumes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -102,6 +103,19 @@ def _save_step_hlo(trace_dir: Path, step_fn: Any, params: Any, opt_state: Any, x
                         "keep their instruction names", type(e).__name__, e)
 
 
+def _in_order(out: Any) -> Any:
+    """`out` once its executable has finished, when several CPU processes train together; as is
+    otherwise. Calls with no data between them (the eval batches) may run at once on XLA:CPU, and
+    with several processes their collectives (gloo) then deadlock as soon as the processes drift
+    apart: a 2-process run whose first process reached the whole-split evaluation 3 s after the
+    other (as after a profile it wrote) hung there for good. One call in flight at a time keeps the
+    collectives of every process in the same order. Training steps need nothing: each takes the
+    params the last one returned."""
+    if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+        jax.block_until_ready(out)
+    return out
+
+
 def evaluate_full(run: Run, params: Any, tokens: np.ndarray, batch_size: int) -> float:
     """Mean next-token loss (nats per token) over a whole split: every target tokens[1:] predicted
     exactly once, in non-overlapping windows of max_seq_len (data.full_split_batches), so the number
@@ -112,11 +126,12 @@ def evaluate_full(run: Run, params: Any, tokens: np.ndarray, batch_size: int) ->
     of the mesh's data x fsdp and of the processes (validate_config checks config.batch_size is).
     """
     sh = run.eval_batch_sharding
-    sums = [run.eval_sum_fn(params, shd.put_batch(x, sh), shd.put_batch(y, sh), shd.put_batch(w, sh))
+    put = functools.partial(shd.put_batch, sharding=sh)
+    sums = [_in_order(run.eval_sum_fn(params, put(x), put(y), put(w)))
             for x, y, w in data_lib.full_split_batches(tokens, run.cfg.max_seq_len, batch_size,
                                                        jax.process_index(), jax.process_count())]
-    # One fetch at the end keeps the calls queued back to back; each sum is of at most B * T
-    # tokens in float32, their total in float64.
+    # One fetch at the end keeps the calls queued back to back (one process); each sum is of at
+    # most B * T tokens in float32, their total in float64.
     total = np.sum(np.asarray(jax.device_get(sums), np.float64))
     return float(total / (len(tokens) - 1))
 
@@ -203,7 +218,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: b
         losses = []
         for i in range(config.eval_iters):
             x, y = host_batch(val_tokens, config.seed + 1, i, 1)  # the same val batches every time
-            losses.append(eval_fn(params, shd.put_batch(x[0], eval_sh), shd.put_batch(y[0], eval_sh)))
+            x, y = shd.put_batch(x[0], eval_sh), shd.put_batch(y[0], eval_sh)
+            losses.append(_in_order(eval_fn(params, x, y)))
         return float(np.mean(jax.device_get(losses)))
 
     bar = None
