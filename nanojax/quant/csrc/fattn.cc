@@ -30,10 +30,10 @@
 //
 // The products are register-tiled AVX-512 loops (4 rows x up to 64 columns of accumulators); exp is a
 // vectorised Cody-Waite reduction + degree-7 Taylor polynomial + scalef (max error measured against
-// double exp: nj_fattn_exp_max_ulp below, and docs/attention.md); both in fattn_tiles.inc. ISA: AVX-512 for H a multiple of 16
-// (picked at run time, NANOJAX_KERNEL_ISA=scalar forces the scalar loops, as in dattn.cc); the scalar
-// loops (std::exp) exist for tests and odd head sizes, not for speed. Python uses the kernel only with
-// AVX-512 (nj_fattn_vector_bits).
+// double exp: nj_fattn_exp_max_ulp below, and docs/attention.md); both are in fattn_tiles.inc. ISA:
+// AVX-512 for H a multiple of 16 (picked at run time, NANOJAX_KERNEL_ISA=scalar forces the scalar
+// loops, as in dattn.cc); the scalar loops (std::exp) exist for tests and odd head sizes, not for
+// speed. Python uses the kernel only with AVX-512 (nj_fattn_vector_bits).
 
 #include <immintrin.h>
 
