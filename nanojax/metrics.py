@@ -198,6 +198,11 @@ HLO_SUFFIX = ".hlo.txt"  # `<module>.hlo.txt` beside a trace: its executable's H
 _CUSTOM_CALL = re.compile(r'^\s*(?:ROOT\s+)?%([\w.-]+) = .*\bcustom-call\(.*custom_call_target="([^"]+)"')
 
 
+def _module_name(line: str) -> str:
+    """`jit_step_fn` of HLO text's `HloModule jit_step_fn, entry_computation_layout=...` line."""
+    return line.split()[1].rstrip(",")
+
+
 def custom_call_targets(hlo_text: str) -> dict[tuple[str, str], str]:
     """(module, instruction) -> custom_call_target for every custom call in HLO text as
     `jax.stages.Compiled.as_text()` prints it: which kernel a trace's `ffi_call.386` ran, where the
@@ -206,7 +211,7 @@ def custom_call_targets(hlo_text: str) -> dict[tuple[str, str], str]:
     module = "?"
     for line in hlo_text.splitlines():
         if line.startswith("HloModule "):
-            module = line.split()[1].rstrip(",")
+            module = _module_name(line)
         elif "custom_call_target=" in line and (m := _CUSTOM_CALL.match(line)):
             out[module, m.group(1)] = m.group(2)
     return out
@@ -217,8 +222,7 @@ def save_hlo_text(trace_dir: str | Path, compiled: Any) -> Path:
     trace_op_times reads it to name the custom calls of the trace by their targets.
     compiled: `jitted.lower(*args).compile()` of the function the trace runs."""
     text = compiled.as_text()
-    module = next((ln.split()[1].rstrip(",") for ln in text.splitlines() if ln.startswith("HloModule ")),
-                  "module")
+    module = next((_module_name(ln) for ln in text.splitlines() if ln.startswith("HloModule ")), "module")
     path = Path(trace_dir) / f"{module}{HLO_SUFFIX}"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)

@@ -49,15 +49,16 @@ def script_env(compile_cache, devices=1):
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flag, **compile_cache)
 
 
-# Runs a script as `python SCRIPT ARGS` does, sending itself SIG right after the metrics line of
-# step AT is written (once checkpoint WAIT is on disk, if not 0): a signal at a known step,
-# without racing the run from outside.
-SIGNAL_AT = """
+# Runs a script as `python SCRIPT ARGS` does, acting right after the metrics line of step AT is
+# written (by the process that writes metrics: the first of several): once checkpoint WAIT is on
+# disk (if not 0), it sleeps SLEEP seconds, then sends itself SIG (if not 0). A signal or a delay
+# at a known step, without racing the run from outside.
+AT_STEP = """
 import os, runpy, sys, time
 from nanojax.metrics import MetricsWriter
-sig, at, wait = (int(a) for a in sys.argv[1:4])
+at, wait, sig, sleep = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 write = MetricsWriter.write
-def write_then_signal(self, rec):
+def write_then_act(self, rec):
     write(self, rec)
     if rec.get("step") == at and "grad_norm" in rec:
         done = self.path.parent / "checkpoints" / str(wait)
@@ -65,32 +66,18 @@ def write_then_signal(self, rec):
             if not wait or done.is_dir():
                 break
             time.sleep(0.01)
-        os.kill(os.getpid(), sig)
-MetricsWriter.write = write_then_signal
-sys.argv = sys.argv[4:]
+        time.sleep(sleep)
+        if sig:
+            os.kill(os.getpid(), sig)
+MetricsWriter.write = write_then_act
+sys.argv = sys.argv[5:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-# Runs a script as `python SCRIPT ARGS` does, but sleeps SECONDS right after the metrics line of
-# step AT is written (by the process that writes metrics: the first of several).
-LATE_AT = """
-import runpy, sys, time
-from nanojax.metrics import MetricsWriter
-seconds, at = float(sys.argv[1]), int(sys.argv[2])
-write = MetricsWriter.write
-def write_then_sleep(self, rec):
-    write(self, rec)
-    if rec.get("step") == at and "grad_norm" in rec:
-        time.sleep(seconds)
-MetricsWriter.write = write_then_sleep
-sys.argv = sys.argv[3:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-def signalled(cmd, sig, at, wait=0):
-    return [sys.executable, "-c", SIGNAL_AT, str(int(sig)), str(at), str(wait), *cmd[1:]]
+def at_step(cmd, at, *, wait=0, sig=0, sleep=0.0):
+    """`cmd` (a python script's command line) run under AT_STEP."""
+    return [sys.executable, "-c", AT_STEP, str(at), str(wait), str(int(sig)), str(sleep), *cmd[1:]]
 
 
 def train_signalled(monkeypatch, config, workdir, sig, at):
@@ -139,7 +126,7 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_losses(synth_dat
     cmd = train_cmd(synth_data, run)
 
     # A hard kill at step 10, after checkpoint 8 is written: the script gets no chance to save.
-    p = subprocess.run(signalled(cmd, signal.SIGKILL, 10, wait=8), capture_output=True, text=True,
+    p = subprocess.run(at_step(cmd, 10, sig=signal.SIGKILL, wait=8), capture_output=True, text=True,
                        env=script_env(compile_cache))
     assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
     saved = json.loads((run / "config.json").read_text())["train"]
@@ -154,7 +141,7 @@ def test_killed_and_interrupted_runs_resume_to_exactly_the_same_losses(synth_dat
 
     # Ctrl-C at step 17 on another mesh: 2 devices, params sharded over fsdp.
     two = script_env(compile_cache, devices=2)
-    p = subprocess.run(signalled(cmd + ["--config.mesh.fsdp=2"], signal.SIGINT, 17), capture_output=True,
+    p = subprocess.run(at_step(cmd + ["--config.mesh.fsdp=2"], 17, sig=signal.SIGINT), capture_output=True,
                        text=True, env=two)
     assert p.returncode == 128 + signal.SIGINT, p.stdout[-2000:] + p.stderr[-3000:]
     assert "rerun the same command to resume" in p.stdout
@@ -383,7 +370,7 @@ def test_two_processes_train_like_one(synth_data, trained, tmp_path, compile_cac
     dist = [f"--coordinator=localhost:{_free_port()}", "--num_processes=2"]
     evals = "--config.eval_iters=200"  # enough calls to deadlock when all dispatched at once (60 did not)
     cmds = [train_cmd(synth_data, work, *mesh, *dist, evals, f"--process_id={i}") for i in range(2)]
-    cmds[0] = [sys.executable, "-c", LATE_AT, "3", str(STEPS), *cmds[0][1:]]
+    cmds[0] = at_step(cmds[0], STEPS, sleep=3)
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=script_env(compile_cache, devices=2))
              for cmd in cmds]

@@ -38,8 +38,6 @@
 #include <tuple>
 #include <vector>
 
-#include <immintrin.h>
-
 #include "parallel.h"
 #include "simd.h"
 #include "xla/ffi/api/ffi.h"
